@@ -1,0 +1,111 @@
+"""The aiohttp application factory and the server's life cycle.
+
+Resources are created in `cleanup_ctx` and closed in reverse order: on shutdown the
+in-flight calls drain first, then the upstream session, then the usage-log writer flushes
+every queued row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy import admin
+from proxy.config import Settings
+from proxy.keys import APP_RUNTIME, APP_SESSION
+from proxy.pipeline import handle
+from proxy.pricing import PriceBook
+from proxy.runtime import Runtime, build_upstreams, key_index
+from proxy.storage import open_usage_log
+from proxy.storage.writer import UsageWriter
+
+log = structlog.get_logger("meterproxy")
+
+
+def create_app(settings: Settings, *, clock: Callable[[], Any] | None = None) -> web.Application:
+    """A ready-to-run application for these settings."""
+    max_body = int(settings.server.max_body_mb * 1024 * 1024)
+    app = web.Application(client_max_size=max_body)
+    app.cleanup_ctx.append(_runtime_ctx(settings, clock))
+    app.cleanup_ctx.append(_session_ctx)
+    admin.add_routes(app)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def build_runtime(settings: Settings, clock: Callable[[], Any] | None = None) -> Runtime:
+    storage = settings.storage
+    writer = UsageWriter(open_usage_log(storage.usage_log),
+                         interval_s=storage.flush_interval_ms / 1000,
+                         batch_rows=storage.batch_rows)
+    return Runtime(
+        settings=settings,
+        upstreams=build_upstreams(settings),
+        keys=key_index(settings),
+        prices=PriceBook.load(settings.pricing.dir, settings.pricing.overrides),
+        writer=writer,
+        admin_key=os.environ.get(settings.server.admin_key_env) or None,
+        clock=clock,
+    )
+
+
+def _runtime_ctx(settings: Settings, clock: Callable[[], Any] | None):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        rt = await loop.run_in_executor(None, build_runtime, settings, clock)
+        await loop.run_in_executor(None, rt.writer.start)
+        app[APP_RUNTIME] = rt
+        log.info("started", config=settings.source, usage_log=settings.storage.usage_log,
+                 providers=sorted(rt.upstreams), auth=settings.auth.mode,
+                 keys=len(rt.keys), pricing_version=rt.prices.digest)
+        yield
+        if rt.background:
+            await asyncio.wait(set(rt.background), timeout=settings.server.grace_s)
+        await loop.run_in_executor(None, rt.writer.close)
+        log.info("stopped", rows_written=rt.writer.written)
+
+    return ctx
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    # One pooled session for every provider: connections are kept per host, and the
+    # response body is handed to us already decoded (we ask only for gzip or deflate).
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                    skip_auto_headers=("User-Agent",))
+    app[APP_SESSION] = session
+    yield
+    await session.close()
+
+
+async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT), then drain in-flight calls and flush."""
+    import signal
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=settings.server.grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    log.info("listening", url=f"http://{host}:{port}")
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting_down")
+        await runner.cleanup()

@@ -1,0 +1,310 @@
+"""Configuration: YAML in, frozen dataclasses out, one clear line per mistake.
+
+Every setting has a default, so meterproxy runs with no file at all. Unknown keys are
+errors: a misspelt budget must not silently turn into no budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_FILE = "meterproxy.yaml"
+ENV_FILE = "METERPROXY_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as `file: key.path: what is wrong`."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8787
+    admin_key_env: str = "METERPROXY_ADMIN_KEY"
+    max_body_mb: float = 64
+    grace_s: float = 30
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    usage_log: str = "sqlite:///meterproxy.db"
+    ledger: str = "local"
+    flush_interval_ms: int = 250
+    batch_rows: int = 500
+
+
+@dataclass(frozen=True)
+class PricingConfig:
+    dir: str | None = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: str = "virtual_keys"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    base_url: str = ""
+    dialect: str = "openai"
+    api_key_env: str | None = None
+    timeout_s: float = 600
+    pricing: str | None = None
+    auth_header: str | None = None
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    period: str = "month"
+    limit_usd: float | None = None
+    scope: dict[str, str] = field(default_factory=dict)
+    limit_tokens: int | None = None
+    enforce: str = "block"
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    name: str = ""
+    key_sha256: str = ""
+    budgets: list[BudgetConfig] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.8, 1.0])
+    webhook_url: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"
+    store_prompts: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    providers: dict[str, ProviderConfig] = field(default_factory=dict)
+    keys: list[KeyConfig] = field(default_factory=list)
+    budgets: list[BudgetConfig] = field(default_factory=list)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = "<built-in defaults>"
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        return self.providers.get(name)
+
+    def pricing_table(self, provider: str) -> str:
+        conf = self.providers[provider]
+        return conf.pricing or provider
+
+
+BUILTIN_PROVIDERS: dict[str, dict[str, Any]] = {
+    "openai": {"base_url": "https://api.openai.com", "dialect": "openai",
+               "api_key_env": "OPENAI_API_KEY"},
+    "anthropic": {"base_url": "https://api.anthropic.com", "dialect": "anthropic",
+                  "api_key_env": "ANTHROPIC_API_KEY"},
+    "gemini": {"base_url": "https://generativelanguage.googleapis.com", "dialect": "gemini",
+               "api_key_env": "GEMINI_API_KEY"},
+    "deepseek": {"base_url": "https://api.deepseek.com", "dialect": "openai",
+                 "api_key_env": "DEEPSEEK_API_KEY"},
+    "mistral": {"base_url": "https://api.mistral.ai", "dialect": "openai",
+                "api_key_env": "MISTRAL_API_KEY"},
+    "groq": {"base_url": "https://api.groq.com/openai", "dialect": "openai",
+             "api_key_env": "GROQ_API_KEY"},
+    "together": {"base_url": "https://api.together.xyz", "dialect": "openai",
+                 "api_key_env": "TOGETHER_API_KEY"},
+    "xai": {"base_url": "https://api.x.ai", "dialect": "openai", "api_key_env": "XAI_API_KEY"},
+    "openrouter": {"base_url": "https://openrouter.ai/api", "dialect": "openai",
+                   "api_key_env": "OPENROUTER_API_KEY"},
+}
+
+DIALECTS = ("openai", "anthropic", "gemini")
+AUTH_MODES = ("virtual_keys", "passthrough")
+PERIODS = ("day", "week", "month", "total")
+
+
+def find_config_file(explicit: str | None) -> Path | None:
+    """The file a command reads: --config, else $METERPROXY_CONFIG, else ./meterproxy.yaml."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_FILE):
+        return Path(os.environ[ENV_FILE])
+    default = Path(DEFAULT_FILE)
+    return default if default.exists() else None
+
+
+def load_settings(explicit: str | None = None) -> Settings:
+    """Read the configuration the way every command does (see find_config_file)."""
+    path = find_config_file(explicit)
+    if path is None:
+        return parse_settings({}, "<built-in defaults>")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse_settings(data or {}, str(path))
+
+
+def parse_settings(data: Any, source: str) -> Settings:
+    """Build Settings from parsed YAML, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    data = dict(data)
+    providers_raw = data.pop("providers", None) or {}
+    if not isinstance(providers_raw, dict):
+        raise ConfigError(f"{source}: providers: must be a mapping of name to settings")
+    settings: Settings = _build(Settings, data, "", source)
+    providers: dict[str, ProviderConfig] = {}
+    for name, conf in BUILTIN_PROVIDERS.items():
+        providers[name] = ProviderConfig(**conf)
+    for name, conf in providers_raw.items():
+        path = f"providers.{name}"
+        if not isinstance(conf, dict):
+            raise ConfigError(f"{source}: {path}: must be a mapping")
+        base = dataclasses.asdict(providers[name]) if name in providers else {}
+        providers[name] = _build(ProviderConfig, {**base, **conf}, path, source)
+    settings = dataclasses.replace(settings, providers=providers, source=source)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    src = s.source
+
+    def fail(path: str, msg: str) -> typing.NoReturn:
+        raise ConfigError(f"{src}: {path}: {msg}")
+
+    if s.auth.mode not in AUTH_MODES:
+        fail("auth.mode", f"must be one of {', '.join(AUTH_MODES)}, not {s.auth.mode!r}")
+    if not 0 < s.server.port < 65536:
+        fail("server.port", f"must be a TCP port (1-65535), not {s.server.port}")
+    if s.server.max_body_mb <= 0:
+        fail("server.max_body_mb", "must be positive")
+    for name, p in s.providers.items():
+        if p.dialect not in DIALECTS:
+            fail(f"providers.{name}.dialect", f"must be one of {', '.join(DIALECTS)}, "
+                 f"not {p.dialect!r}")
+        if not p.base_url.startswith(("http://", "https://")):
+            fail(f"providers.{name}.base_url", f"must be an http(s) URL, not {p.base_url!r}")
+        if p.timeout_s <= 0:
+            fail(f"providers.{name}.timeout_s", "must be positive")
+        if not name.replace("-", "").replace("_", "").isalnum() or name.startswith("_"):
+            fail(f"providers.{name}", "a provider name is letters, digits, - and _")
+    seen: dict[str, int] = {}
+    for i, key in enumerate(s.keys):
+        path = f"keys[{i}]"
+        if not key.name:
+            fail(f"{path}.name", "is required")
+        digest = key.key_sha256.lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            fail(f"{path}.key_sha256", "must be the 64 hex digits of the key's sha256 "
+                 "(meterproxy keys new NAME prints it)")
+        if digest in seen:
+            fail(f"{path}.key_sha256", f"repeats keys[{seen[digest]}]")
+        seen[digest] = i
+        for j, b in enumerate(key.budgets):
+            _validate_budget(b, f"{path}.budgets[{j}]", fail)
+    for i, b in enumerate(s.budgets):
+        _validate_budget(b, f"budgets[{i}]", fail)
+        if not b.scope:
+            fail(f"budgets[{i}].scope", "is required (e.g. {customer: acme})")
+    for t in s.alerts.thresholds:
+        if not 0 < t <= 10:
+            fail("alerts.thresholds", f"each threshold is a fraction of the limit, not {t}")
+    for key, value in s.pricing.overrides.items():
+        if not isinstance(value, dict):
+            fail(f"pricing.overrides.{key}", "must be a mapping")
+
+
+def _validate_budget(b: BudgetConfig, path: str, fail: Any) -> None:
+    if b.period not in PERIODS:
+        fail(f"{path}.period", f"must be one of {', '.join(PERIODS)}, not {b.period!r}")
+    if b.limit_usd is None and b.limit_tokens is None:
+        fail(path, "needs limit_usd or limit_tokens")
+    if b.limit_usd is not None and b.limit_usd < 0:
+        fail(f"{path}.limit_usd", "must not be negative")
+    if b.enforce not in ("block", "alert_only"):
+        fail(f"{path}.enforce", f"must be block or alert_only, not {b.enforce!r}")
+
+
+def _build(cls: type, data: Any, path: str, source: str) -> Any:
+    """Construct dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    where = path or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where}: must be a mapping, not {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: {sub}: unknown key (known here: {known})")
+        kwargs[key] = _coerce(hints[key], value, sub, source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, source)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {path}: must be a list")
+        return [_coerce(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {path}: must be a mapping")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}", source) for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {path}: must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {path}: must be a whole number, not {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {path}: must be a number, not {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, date | datetime):
+            return value.isoformat()
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{source}: {path}: must be a string, not {value!r}")
+        return str(value)
+    return value

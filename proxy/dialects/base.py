@@ -1,0 +1,110 @@
+"""What every dialect adapter provides, and the pieces they share.
+
+A dialect knows one API family's wire format: where the model, stream flag and output
+limit sit in a request, where the client put its key, how usage reads from a JSON body or
+an event stream, and how an error looks. Nothing outside `dialects/` knows any of that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict, MultiDict
+
+from proxy.errors import MeterError
+from proxy.usage import Usage
+
+
+@dataclass(slots=True)
+class Call:
+    """What a dialect read from one request."""
+
+    endpoint: str
+    model: str | None = None
+    stream: bool = False
+    metered: bool = False
+    max_output_tokens: int | None = None
+    # OpenAI chat streams: the proxy asked for the usage chunk and must hide it.
+    hide_usage_chunk: bool = False
+
+
+@dataclass(slots=True)
+class Metered:
+    """What the response said about usage, once it has ended."""
+
+    usage: Usage | None = None
+    response_model: str | None = None
+    # Output text seen so far, for an estimate when usage never came.
+    text: list[str] = field(default_factory=list)
+    # An error event inside an otherwise successful stream.
+    error: str | None = None
+
+
+class StreamMeter(Protocol):
+    """Reads usage from an event stream as it passes: feed per chunk, finish once."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take one chunk from upstream; return the bytes to send on to the client."""
+
+    def finish(self) -> tuple[bytes, Metered]:
+        """The stream ended: any bytes still owed to the client, and what was metered."""
+
+
+class Dialect(Protocol):
+    name: str
+    request_id_header: str
+
+    def describe(self, method: str, path: str, payload: Any) -> Call:
+        """Read endpoint, model, stream flag and output limit from a request."""
+
+    def client_key(self, request: web.Request) -> str | None:
+        """The key the client sent, wherever its SDK puts it."""
+
+    def set_upstream_key(
+        self, headers: CIMultiDict[str], query: MultiDict[str], key: str, header: str | None
+    ) -> None:
+        """Remove the client's key from headers and query, put the provider key in."""
+
+    def edit_body(self, call: Call, payload: Any, body: bytes) -> bytes:
+        """The documented edits to the request body (e.g. ask for usage on streams)."""
+
+    def read_usage(self, call: Call, body: bytes) -> Metered:
+        """Usage from a whole JSON response body."""
+
+    def stream_meter(self, call: Call) -> StreamMeter:
+        """A fresh meter for one streamed response."""
+
+    def prompt_texts(self, call: Call, payload: Any) -> tuple[list[str], int]:
+        """The prompt's text pieces and the fixed per-message token overhead to add."""
+
+    def error_body(self, error: MeterError) -> bytes:
+        """The provider's own error shape, so SDKs raise their usual exceptions."""
+
+
+def bearer(value: str | None) -> str | None:
+    """The token of an `Authorization: Bearer ...` header value."""
+    if value and value[:7].lower() == "bearer ":
+        token = value[7:].strip()
+        return token or None
+    return None
+
+
+def positive_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+class TextTally:
+    """Collects streamed output text for an estimate, a list of pieces joined once."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+
+    def add(self, text: Any) -> None:
+        if isinstance(text, str) and text:
+            self.pieces.append(text)

@@ -1,0 +1,310 @@
+"""The OpenAI API family: OpenAI itself and every OpenAI-compatible provider.
+
+Metered endpoints: chat completions, legacy completions, responses and embeddings.
+Anything else (models, files, ...) passes through and is logged at zero cost.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, MultiDict
+
+from proxy.dialects.base import Call, Metered, TextTally, bearer, positive_int
+from proxy.dialects.sse import SSESplitter, parse_event
+from proxy.errors import Kind, MeterError
+from proxy.usage import Usage, count, sub
+
+_METERED = (
+    ("/chat/completions", "chat.completions"),
+    ("/completions", "completions"),
+    ("/responses", "responses"),
+    ("/embeddings", "embeddings"),
+)
+_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
+_DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta",
+                     "response.function_call_arguments.delta"})
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_ERRORS = {
+    Kind.INVALID_REQUEST: ("invalid_request_error", None),
+    Kind.AUTHENTICATION: ("invalid_request_error", "invalid_api_key"),
+    Kind.PERMISSION: ("permission_error", "permission_denied"),
+    Kind.NOT_FOUND: ("invalid_request_error", "not_found"),
+    Kind.TOO_LARGE: ("invalid_request_error", "request_too_large"),
+    Kind.BUDGET_EXCEEDED: ("budget_exceeded", "budget_exceeded"),
+    Kind.UPSTREAM_UNREACHABLE: ("server_error", "upstream_unreachable"),
+    Kind.UPSTREAM_TIMEOUT: ("timeout", "upstream_timeout"),
+    Kind.UNAVAILABLE: ("server_error", "service_unavailable"),
+    Kind.INTERNAL: ("server_error", "proxy_error"),
+}
+# OpenAI's cookbook: every message costs 3 tokens of framing, a name 1 more, the reply 3.
+_PER_MESSAGE, _PER_NAME, _REPLY_PRIMER = 3, 1, 3
+
+
+class OpenAIDialect:
+    name = "openai"
+    request_id_header = "x-request-id"
+
+    def describe(self, method: str, path: str, payload: Any) -> Call:
+        trimmed = path.rstrip("/")
+        endpoint = None
+        if method == "POST":
+            for suffix, name in _METERED:
+                if trimmed.endswith(suffix):
+                    endpoint = name
+                    break
+        body = payload if isinstance(payload, dict) else {}
+        model = body.get("model")
+        if not isinstance(model, str):
+            found = _DEPLOYMENT.search(path)  # Azure names the deployment in the path
+            model = found.group(1) if found else None
+        if endpoint is None:
+            return Call(endpoint=_plain_endpoint(trimmed), model=model)
+        stream = body.get("stream") is True
+        call = Call(endpoint=endpoint, model=model, stream=stream, metered=True)
+        if endpoint == "chat.completions":
+            limit = positive_int(body.get("max_completion_tokens")) or positive_int(
+                body.get("max_tokens")
+            )
+        elif endpoint == "responses":
+            limit = positive_int(body.get("max_output_tokens"))
+        elif endpoint == "completions":
+            limit = positive_int(body.get("max_tokens")) or 16  # the API's default
+        else:
+            limit = 0
+        if limit:
+            limit *= positive_int(body.get("n")) or 1
+        call.max_output_tokens = limit
+        if stream and endpoint in ("chat.completions", "completions"):
+            options = body.get("stream_options")
+            asked = isinstance(options, dict) and options.get("include_usage") is True
+            call.hide_usage_chunk = not asked
+        return call
+
+    def client_key(self, request: web.Request) -> str | None:
+        headers = request.headers
+        return bearer(headers.get("Authorization")) or headers.get("api-key") or None
+
+    def set_upstream_key(
+        self, headers: CIMultiDict[str], query: MultiDict[str], key: str, header: str | None
+    ) -> None:
+        headers.popall("Authorization", None)
+        headers.popall("api-key", None)
+        if header and header.lower() != "authorization":
+            headers[header] = key
+        else:
+            headers["Authorization"] = f"Bearer {key}"
+
+    def edit_body(self, call: Call, payload: Any, body: bytes) -> bytes:
+        if not call.hide_usage_chunk:
+            return body
+        if "stream_options" not in payload:
+            # Insert the one key and leave every other byte of the client's body as sent.
+            start = body.index(b"{") + 1
+            return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
+        options = payload["stream_options"]
+        payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                     "include_usage": True}
+        return orjson.dumps(payload)
+
+    def read_usage(self, call: Call, body: bytes) -> Metered:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return Metered(error="response body is not JSON")
+        if not isinstance(obj, dict):
+            return Metered()
+        metered = Metered(response_model=_str(obj.get("model")))
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            metered.usage = _usage(call.endpoint, usage, obj.get("service_tier"))
+            if call.endpoint == "responses":
+                metered.usage.web_search_requests = _web_searches(obj.get("output"))
+        return metered
+
+    def stream_meter(self, call: Call) -> _StreamMeter:
+        return _StreamMeter(call)
+
+    def prompt_texts(self, call: Call, payload: Any) -> tuple[list[str], int]:
+        body = payload if isinstance(payload, dict) else {}
+        texts: list[str] = []
+        overhead = 0
+        if call.endpoint == "chat.completions":
+            messages = body.get("messages") or []
+            for message in messages if isinstance(messages, list) else []:
+                if not isinstance(message, dict):
+                    continue
+                overhead += _PER_MESSAGE
+                for key, value in message.items():
+                    _collect_text(value, texts)
+                    if key == "name":
+                        overhead += _PER_NAME
+            overhead += _REPLY_PRIMER
+            if body.get("tools"):
+                texts.append(orjson.dumps(body["tools"]).decode())
+        elif call.endpoint == "responses":
+            _collect_text(body.get("instructions"), texts)
+            _collect_text(body.get("input"), texts)
+        elif call.endpoint == "completions":
+            _collect_text(body.get("prompt"), texts)
+        elif call.endpoint == "embeddings":
+            value = body.get("input")
+            if isinstance(value, list) and value and isinstance(value[0], int):
+                overhead += len(value)  # already tokens
+            elif isinstance(value, list) and value and isinstance(value[0], list):
+                overhead += sum(len(v) for v in value if isinstance(v, list))
+            else:
+                _collect_text(value, texts)
+        return texts, overhead
+
+    def error_body(self, error: MeterError) -> bytes:
+        kind, code = _ERRORS[error.kind]
+        return orjson.dumps(
+            {"error": {"message": error.message, "type": kind, "param": error.param,
+                       "code": code}}
+        )
+
+
+class _StreamMeter:
+    """Reads chat/completions chunks or responses events, hiding the usage chunk on request."""
+
+    __slots__ = ("_hide", "_responses", "_split", "_tally", "metered")
+
+    def __init__(self, call: Call) -> None:
+        self._split = SSESplitter()
+        self._hide = call.hide_usage_chunk
+        self._responses = call.endpoint == "responses"
+        self._tally = TextTally()
+        self.metered = Metered(text=self._tally.pieces)
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._split.feed(chunk)
+        if not self._hide:
+            for raw in events:
+                self._read(raw)
+            return chunk
+        return b"".join([raw for raw in events if not self._read(raw)])
+
+    def finish(self) -> tuple[bytes, Metered]:
+        tail = self._split.tail()
+        if tail.strip():
+            hidden = self._read(tail)
+            return (tail if self._hide and not hidden else b""), self.metered
+        return (tail if self._hide else b""), self.metered
+
+    def _read(self, raw: bytes) -> bool:
+        """Note what one event says; True when the client must not see it."""
+        event = parse_event(raw)
+        data = event.data
+        if not data or data == b"[DONE]":
+            return False
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.metered.error = "malformed event in the stream"
+            return False
+        if not isinstance(obj, dict):
+            return False
+        if self._responses:
+            self._read_responses(obj)
+            return False
+        if "error" in obj and isinstance(obj["error"], dict):
+            self.metered.error = _str(obj["error"].get("message")) or "error event"
+            return False
+        if self.metered.response_model is None:
+            self.metered.response_model = _str(obj.get("model"))
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    delta = choice.get("delta")
+                    if isinstance(delta, dict):
+                        self._tally.add(delta.get("content"))
+                        self._tally.add(delta.get("refusal"))
+                        for tool in delta.get("tool_calls") or ():
+                            if isinstance(tool, dict):
+                                self._tally.add(sub(tool, "function").get("arguments"))
+                    else:
+                        self._tally.add(choice.get("text"))
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.metered.usage = _usage("chat.completions", usage, obj.get("service_tier"))
+            return self._hide and not choices
+        return False
+
+    def _read_responses(self, obj: dict) -> None:
+        kind = obj.get("type")
+        if kind in _DELTAS:
+            self._tally.add(obj.get("delta"))
+        elif kind == "error":
+            self.metered.error = _str(obj.get("message")) or "error event"
+        elif kind in _TERMINAL or kind == "response.created":
+            response = obj.get("response")
+            if not isinstance(response, dict):
+                return
+            self.metered.response_model = _str(response.get("model")) or self.metered.response_model
+            usage = response.get("usage")
+            if kind in _TERMINAL and isinstance(usage, dict):
+                self.metered.usage = _usage("responses", usage, response.get("service_tier"))
+                self.metered.usage.web_search_requests = _web_searches(response.get("output"))
+            if kind == "response.failed":
+                self.metered.error = _str(sub(response, "error").get("message")) or "failed"
+
+
+def _usage(endpoint: str, u: dict, service_tier: Any) -> Usage:
+    """Normalise an OpenAI usage object: prompt totals include cached and written tokens."""
+    if endpoint == "responses" or "input_tokens" in u:
+        total_in, out = count(u.get("input_tokens")), count(u.get("output_tokens"))
+        in_details, out_details = sub(u, "input_tokens_details"), sub(u, "output_tokens_details")
+    else:
+        total_in, out = count(u.get("prompt_tokens")), count(u.get("completion_tokens"))
+        in_details = sub(u, "prompt_tokens_details")
+        out_details = sub(u, "completion_tokens_details")
+    cached = count(in_details.get("cached_tokens"))
+    written = count(in_details.get("cache_write_tokens"))
+    return Usage(
+        input_tokens=max(total_in - cached - written, 0),
+        cached_input_tokens=cached,
+        cache_write_tokens=written,
+        output_tokens=out,
+        reasoning_tokens=count(out_details.get("reasoning_tokens")),
+        audio_input_tokens=count(in_details.get("audio_tokens")),
+        audio_output_tokens=count(out_details.get("audio_tokens")),
+        service_tier=_str(service_tier),
+    )
+
+
+def _web_searches(output: Any) -> int:
+    if not isinstance(output, list):
+        return 0
+    return sum(1 for item in output if isinstance(item, dict)
+               and item.get("type") == "web_search_call")
+
+
+def _collect_text(value: Any, into: list[str]) -> None:
+    """Every string inside a message value: plain content, content parts, tool calls."""
+    if isinstance(value, str):
+        into.append(value)
+    elif isinstance(value, list):
+        for item in value:
+            _collect_text(item, into)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key in ("type", "image_url", "input_audio", "file", "id", "detail"):
+                continue
+            _collect_text(item, into)
+
+
+def _plain_endpoint(path: str) -> str:
+    """A readable name for an unmetered path: /v1/models/gpt-4o -> models."""
+    parts = [p for p in path.split("/") if p]
+    if parts and re.fullmatch(r"v\d+\w*", parts[0]):
+        parts = parts[1:]
+    return parts[0] if parts else "root"
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

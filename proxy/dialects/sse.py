@@ -1,0 +1,71 @@
+"""Incremental Server-Sent Events splitting, shared by every dialect.
+
+Bytes arrive in arbitrary pieces; `SSESplitter.feed` returns each event once it is whole,
+as the raw bytes (separator included) so a relay can forward them untouched, and keeps
+only the unfinished tail. Events end at a blank line: LF LF, CR LF CR LF or CR CR.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE = re.compile(rb"\r\n|\r|\n")
+MAX_PENDING = 16 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Event:
+    """One parsed event: its `event:` name (or empty) and its joined `data:` lines."""
+
+    name: str
+    data: bytes
+
+
+class SSESplitter:
+    """Cuts a byte stream into whole events; see the module docstring."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._pending + chunk if self._pending else chunk
+        events: list[bytes] = []
+        start = 0
+        while True:
+            m = _BOUNDARY.search(buf, start)
+            if m is None:
+                break
+            end = m.end()
+            events.append(buf[start:end])
+            start = end
+        rest = buf[start:]
+        # A CR at the very end may be the first half of CR LF: it stays pending either way.
+        if len(rest) > MAX_PENDING:
+            rest = rest[-MAX_PENDING:]  # a malformed stream with no boundary: keep memory bounded
+        self._pending = rest
+        return events
+
+    def tail(self) -> bytes:
+        """What arrived after the last whole event (an unterminated final event)."""
+        return self._pending
+
+
+def parse_event(raw: bytes) -> Event:
+    """Read the `event:` and `data:` fields of one raw event; comments are ignored."""
+    name = ""
+    data: list[bytes] = []
+    for line in _LINE.split(raw):
+        if not line or line[0] == 0x3A:  # blank, or a ":" comment
+            continue
+        key, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if key == b"data":
+            data.append(value)
+        elif key == b"event":
+            name = value.decode("utf-8", "replace")
+    return Event(name, b"\n".join(data))

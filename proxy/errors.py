@@ -1,0 +1,69 @@
+"""Errors the proxy itself raises; a dialect turns each into its provider's error shape."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Kind(Enum):
+    """What went wrong, independent of any provider's vocabulary."""
+
+    INVALID_REQUEST = "invalid_request"
+    AUTHENTICATION = "authentication"
+    PERMISSION = "permission"
+    NOT_FOUND = "not_found"
+    TOO_LARGE = "too_large"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+STATUS = {
+    Kind.INVALID_REQUEST: 400,
+    Kind.AUTHENTICATION: 401,
+    Kind.PERMISSION: 403,
+    Kind.NOT_FOUND: 404,
+    Kind.TOO_LARGE: 413,
+    Kind.BUDGET_EXCEEDED: 429,
+    Kind.UPSTREAM_UNREACHABLE: 502,
+    Kind.UPSTREAM_TIMEOUT: 504,
+    Kind.UNAVAILABLE: 503,
+    Kind.INTERNAL: 500,
+}
+
+# The usage-log outcome of a call the proxy ended with this kind of error.
+OUTCOME = {
+    Kind.BUDGET_EXCEEDED: "budget_exceeded",
+    Kind.UPSTREAM_UNREACHABLE: "upstream_error",
+    Kind.UPSTREAM_TIMEOUT: "upstream_error",
+    Kind.INTERNAL: "proxy_error",
+    Kind.UNAVAILABLE: "proxy_error",
+}
+
+
+class MeterError(Exception):
+    """A call the proxy ends itself, with a message safe to show the client."""
+
+    def __init__(
+        self,
+        kind: Kind,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.kind]
+
+    @property
+    def outcome(self) -> str:
+        return OUTCOME.get(self.kind, "rejected")

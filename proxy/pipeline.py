@@ -1,0 +1,71 @@
+"""One call through the proxy: the named stages, in order.
+
+    route -> read_body -> authenticate -> attribute -> inspect -> authorize -> reserve
+          -> forward -> relay (metering on the side) -> price -> record
+
+Request-side stages may end the call with a MeterError, which becomes the provider's own
+error shape here and nowhere else. `record` runs in `finally`: one row per call, always.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy.errors import Kind, MeterError
+from proxy.exchange import Exchange
+from proxy.keys import APP_RUNTIME, APP_SESSION
+from proxy.stages.attribute import attribute
+from proxy.stages.authenticate import authenticate, authorize
+from proxy.stages.forward import forward
+from proxy.stages.record import price, record
+from proxy.stages.relay import relay
+from proxy.stages.reserve import reserve
+from proxy.stages.route import inspect, read_body, route
+
+log = structlog.get_logger("meterproxy")
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    rt = request.app[APP_RUNTIME]
+    x = Exchange.begin(request)
+    try:
+        route(rt, x)
+        await read_body(rt, x)
+        authenticate(rt, x)
+        attribute(x)
+        inspect(x)
+        authorize(x)
+        await reserve(rt, x)
+        upstream = await forward(request.app[APP_SESSION], x)
+        return await relay(x, upstream, lambda ex: price(rt, ex))
+    except MeterError as err:
+        return refuse(x, err)
+    except asyncio.CancelledError:
+        x.outcome, x.error = "client_disconnect", x.error or "client went away"
+        raise
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        x.outcome = "client_disconnect"
+        raise
+    except Exception as exc:
+        log.exception("proxy_error", request_id=x.id)
+        if x.status is not None and x.outcome == "ok":
+            # The response had begun: its status stands, the row says what broke.
+            x.outcome, x.error = "proxy_error", f"{type(exc).__name__}: {exc}"
+            raise
+        return refuse(x, MeterError(Kind.INTERNAL,
+                                    f"meterproxy failed on this call (request {x.id})"))
+    finally:
+        record(rt, x)
+
+
+def refuse(x: Exchange, err: MeterError) -> web.Response:
+    """End the call with the proxy's own error, in the provider's shape."""
+    x.status = err.status
+    x.outcome = err.outcome
+    x.error = err.message
+    headers = {"Content-Type": "application/json", "X-Meter-Request-Id": x.id, **err.headers}
+    return web.Response(status=err.status, body=x.dialect.error_body(err), headers=headers)

@@ -1,0 +1,136 @@
+"""A simulated LLM provider: a real aiohttp server speaking the providers' wire formats.
+
+`meterproxy demo` runs it so a newcomer sees metering without an API key; the test suite
+runs it as the fake upstream. Answers are deterministic: the reply text derives from the
+prompt and the usage is tiktoken's exact count, unless a queued Scenario says otherwise
+(custom usage, an error status, a stream cut after N chunks, a hang, a reset...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Scenario:
+    """How the simulator answers the next call (defaults: a normal, complete answer)."""
+
+    usage: dict[str, Any] | None = None  # the provider's own usage object, verbatim
+    text: str | None = None  # the reply text (default: derived from the prompt)
+    model: str | None = None  # the response's model (default: the request's)
+    status: int = 200
+    body: bytes | None = None  # a raw body to send instead (errors, junk)
+    headers: dict[str, str] = field(default_factory=dict)
+    omit_usage: bool = False  # a provider that never reports usage
+    cut_after: int | None = None  # streams: reset the connection after N events
+    hang_s: float = 0.0  # wait this long before answering
+    reset_before_headers: bool = False
+    raw_stream: bytes | None = None  # a stream body to send verbatim
+    chunk_delay_s: float = 0.0
+    repeat: int = 1  # answer this many calls this way
+
+
+@dataclass
+class Received:
+    """A request as the simulator saw it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+
+class Simulator:
+    """The fake provider's state: what it received and what it will answer next."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self._scenarios: collections.deque[Scenario] = collections.deque()
+
+    def then(self, scenario: Scenario) -> None:
+        """Queue a scenario for the next call(s)."""
+        self._scenarios.append(scenario)
+
+    def next_scenario(self) -> Scenario:
+        if not self._scenarios:
+            return Scenario()
+        scenario = self._scenarios[0]
+        scenario.repeat -= 1
+        if scenario.repeat <= 0:
+            self._scenarios.popleft()
+        return scenario
+
+    def app(self) -> web.Application:
+        from proxy.simulator import openai
+
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        openai.add_routes(app, self)
+        for name in ("anthropic", "gemini"):
+            try:
+                module = __import__(f"proxy.simulator.{name}", fromlist=["add_routes"])
+            except ImportError:
+                continue
+            module.add_routes(app, self)
+        return app
+
+    async def receive(self, request: web.Request) -> tuple[Received, Scenario]:
+        body = await request.read()
+        received = Received(request.method, request.path, dict(request.query),
+                            dict(request.headers), body)
+        self.received.append(received)
+        scenario = self.next_scenario()
+        if scenario.hang_s:
+            await asyncio.sleep(scenario.hang_s)
+        if scenario.reset_before_headers:
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            raise asyncio.CancelledError
+        return received, scenario
+
+
+async def send_events(request: web.Request, scenario: Scenario, events: list[bytes],
+                      headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """Stream SSE events one write each, cutting or pausing as the scenario says."""
+    out = web.StreamResponse(status=scenario.status, headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+        **(headers or {}), **scenario.headers})
+    await out.prepare(request)
+    if scenario.raw_stream is not None:
+        events = [scenario.raw_stream]
+    for i, event in enumerate(events):
+        if scenario.cut_after is not None and i >= scenario.cut_after:
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            return out
+        await out.write(event)
+        if scenario.chunk_delay_s:
+            await asyncio.sleep(scenario.chunk_delay_s)
+    await out.write_eof()
+    return out
+
+
+def reply_text(prompt: str) -> str:
+    """A deterministic answer that reads like one."""
+    words = [w for w in prompt.replace("\n", " ").split(" ") if w][:12]
+    topic = " ".join(words) if words else "nothing in particular"
+    return (f"Here is a simulated answer about: {topic}. It has a few sentences, "
+            "so that streams carry several chunks and usage has real numbers.")
+
+
+def split_text(text: str, pieces: int = 8) -> list[str]:
+    """Cut text into stream deltas at word boundaries (leading spaces kept, like real ones)."""
+    words = text.split(" ")
+    size = max(1, len(words) // pieces)
+    parts = []
+    for i in range(0, len(words), size):
+        chunk = " ".join(words[i:i + size])
+        parts.append(chunk if i == 0 else " " + chunk)
+    return parts

@@ -1,0 +1,1 @@
+"""The pipeline's stages: small functions over one Exchange, in the order pipeline.py runs them."""

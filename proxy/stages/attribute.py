@@ -1,0 +1,86 @@
+"""attribute: who and what a call is for, from X-Meter-* headers and peers' headers.
+
+Customer, feature, trace id and free-form tags come from our headers; users moving from
+Helicone, Portkey or Cloudflare AI Gateway keep theirs. Every attribution header is
+stripped before forwarding. Invalid values are a 400, never a silent drop.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+from proxy.errors import Kind, MeterError
+from proxy.exchange import Exchange
+
+MAX_TAGS = 32
+MAX_VALUE = 256
+TAG_NAME = re.compile(r"[a-z0-9_.-]{1,64}")
+_TAG_PREFIX = "x-meter-tag-"
+_HELICONE_PREFIX = "helicone-property-"
+_COLUMNS = {"x-meter-customer": "customer", "x-meter-feature": "feature",
+            "x-meter-trace-id": "trace_id"}
+
+
+def attribute(x: Exchange) -> None:
+    """Fill customer, feature, trace_id and tags; remove the headers they came from."""
+    ours: dict[str, str] = {}
+    theirs: dict[str, str] = {}
+    strip: list[str] = []
+    for name, value in x.headers.items():
+        lower = name.lower()
+        if lower in _COLUMNS:
+            setattr(x, _COLUMNS[lower], _value(value, name))
+            strip.append(name)
+        elif lower.startswith(_TAG_PREFIX):
+            ours[_tag_name(lower[len(_TAG_PREFIX):], name)] = _value(value, name)
+            strip.append(name)
+        elif lower.startswith("x-meter-"):
+            raise MeterError(Kind.INVALID_REQUEST, f"unknown meterproxy header {name}")
+        elif lower.startswith(_HELICONE_PREFIX):
+            theirs[_tag_name(lower[len(_HELICONE_PREFIX):], name)] = _value(value, name)
+            strip.append(name)
+        elif lower == "helicone-user-id":
+            theirs["user"] = _value(value, name)
+            strip.append(name)
+        elif lower in ("x-portkey-metadata", "cf-aig-metadata"):
+            for key, item in _json_object(value, name).items():
+                tag = "user" if key == "_user" and lower == "x-portkey-metadata" else key
+                theirs[_tag_name(tag.lower(), name)] = _value(_text(item), name)
+            strip.append(name)
+    for name in strip:
+        x.headers.popall(name, None)
+    tags = {**(x.key.tags if x.key is not None else {}), **theirs, **ours}
+    if len(tags) > MAX_TAGS:
+        raise MeterError(Kind.INVALID_REQUEST, f"{len(tags)} tags on one call; the limit is "
+                         f"{MAX_TAGS}")
+    x.tags = tags
+
+
+def _tag_name(name: str, header: str) -> str:
+    if not TAG_NAME.fullmatch(name):
+        raise MeterError(Kind.INVALID_REQUEST,
+                         f"bad tag name in {header}: names are 1-64 of a-z 0-9 _ . -")
+    return name
+
+
+def _value(value: str, header: str) -> str:
+    if not 1 <= len(value) <= MAX_VALUE or not value.isprintable():
+        raise MeterError(Kind.INVALID_REQUEST,
+                         f"bad value in {header}: 1-{MAX_VALUE} printable characters")
+    return value
+
+
+def _json_object(value: str, header: str) -> dict:
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise MeterError(Kind.INVALID_REQUEST, f"{header} must be a JSON object")
+    return obj
+
+
+def _text(item: object) -> str:
+    return item if isinstance(item, str) else orjson.dumps(item).decode()

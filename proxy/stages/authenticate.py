@@ -1,0 +1,61 @@
+"""authenticate and authorize: who is calling, and with which provider key upstream."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, MultiDict
+
+from proxy.errors import Kind, MeterError
+from proxy.exchange import Exchange
+from proxy.runtime import Runtime, fingerprint, key_digest
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1) and those the proxy sets itself.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    "accept-encoding", "proxy-connection",
+})
+# The only encodings the upstream client decodes on its own; the client gets plain bytes.
+UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
+
+
+def authenticate(rt: Runtime, x: Exchange) -> None:
+    """Match the client's key, then prepare upstream headers with the provider's key."""
+    assert x.upstream is not None
+    request = x.request
+    dialect = x.dialect
+    client_key = dialect.client_key(request)
+    x.headers = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
+    )
+    x.headers["Accept-Encoding"] = UPSTREAM_ACCEPT_ENCODING
+    x.query = MultiDict(request.query)
+    if rt.settings.auth.mode == "passthrough":
+        x.key_name = fingerprint(client_key) if client_key else None
+        return
+    if not client_key:
+        raise MeterError(Kind.AUTHENTICATION,
+                         "missing API key: send your meterproxy virtual key as the SDK's api_key")
+    key = rt.keys.get(key_digest(client_key))
+    if key is None:
+        raise MeterError(Kind.AUTHENTICATION, "unknown API key: this meterproxy does not know it")
+    x.key = key
+    x.key_name = key.name
+    upstream = x.upstream
+    if upstream.api_key_env and not upstream.api_key:
+        raise MeterError(Kind.UNAVAILABLE,
+                         f"meterproxy has no key for provider {upstream.name!r}: "
+                         f"set {upstream.api_key_env} where it runs")
+    dialect.set_upstream_key(x.headers, x.query, upstream.api_key or "", upstream.auth_header)
+    if not upstream.api_key:  # a local provider (vLLM, Ollama) that wants no key
+        for name in ("Authorization", "x-api-key", "x-goog-api-key", "api-key"):
+            x.headers.popall(name, None)
+
+
+def authorize(x: Exchange) -> None:
+    """A key limited to some models may call only those."""
+    if x.key is None or not x.key.models or not x.call.metered:
+        return
+    if x.call.model not in x.key.models:
+        raise MeterError(Kind.PERMISSION,
+                         f"key {x.key.name!r} may not call model {x.call.model!r}",
+                         param="model")

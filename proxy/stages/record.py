@@ -1,0 +1,154 @@
+"""price and record: what the call cost, and its one row in the usage log.
+
+`record` runs from the pipeline's `finally`, so every call that reached the proxy yields
+exactly one row whatever happened. When the provider reported no usage, the tokens are
+counted with tiktoken off the event loop, then the row is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import orjson
+import structlog
+
+from proxy import tokens
+from proxy.exchange import Exchange
+from proxy.pricing import cost, rounded
+from proxy.runtime import Runtime
+from proxy.storage.row import UsageRow
+from proxy.usage import Usage
+
+log = structlog.get_logger("meterproxy")
+
+ZERO = rounded(Decimal(0))
+# Outcomes whose calls used provider capacity and are metered even without a usage report.
+_BILLABLE = frozenset({"ok", "client_disconnect", "upstream_error"})
+
+
+def price(rt: Runtime, x: Exchange) -> None:
+    """Settle x.usage and x.cost from what the relay metered; idempotent."""
+    if x.cost is not None or not x.priced:
+        return
+    metered = x.metered
+    if x.usage is None and metered is not None and metered.usage is not None:
+        x.usage, x.usage_source = metered.usage, "provider"
+    if x.usage is None:
+        if x.forwarded and x.call.metered and _needs_estimate(x):
+            return  # record() counts the tokens off the loop and comes back here
+        x.usage = Usage()
+        x.usage_source = "provider" if x.forwarded else None
+    used = x.usage.prompt_tokens + x.usage.output_tokens + x.usage.web_search_requests
+    if not x.call.metered or not used:
+        x.cost = ZERO
+        return
+    assert x.upstream is not None
+    response_model = metered.response_model if metered is not None else None
+    found = rt.prices.lookup(x.upstream.pricing_table, (response_model, x.call.model), x.started)
+    if found is None:
+        x.priced = False
+        key = (x.upstream.pricing_table, x.call.model)
+        if key not in rt.unpriced_warned:
+            rt.unpriced_warned.add(key)
+            log.warning("model_unpriced", provider=x.provider, table=key[0], model=x.call.model,
+                        response_model=response_model)
+        return
+    result = cost(x.usage, found, x.started)
+    x.cost = rounded(result.total)
+    x.cost_breakdown = {"model": found.model.name, "period": found.period.effective_from
+                        .date().isoformat(), **result.breakdown}
+    x.pricing_version = found.version
+
+
+def record(rt: Runtime, x: Exchange) -> None:
+    """Write the call's one row now, or after its tokens are counted."""
+    if x.recorded:
+        return
+    x.recorded = True
+    duration = x.elapsed_ms()
+    price(rt, x)
+    if x.cost is None and x.priced:
+        rt.spawn(_estimate_then_write(rt, x, duration))
+    else:
+        _write(rt, x, duration)
+
+
+def _needs_estimate(x: Exchange) -> bool:
+    if x.outcome not in _BILLABLE:
+        return False
+    # An upstream error status means the provider refused the call: nothing to bill.
+    return not (x.outcome == "upstream_error" and (x.status or 0) >= 400)
+
+
+async def _estimate_then_write(rt: Runtime, x: Exchange, duration: float) -> None:
+    try:
+        x.usage = await asyncio.get_running_loop().run_in_executor(None, estimate, x)
+        # partial: the answer was cut short; estimated: it ended but no usage came.
+        whole = x.outcome == "ok" and x.status is not None and x.status < 400
+        x.usage_source = "estimated" if whole else "partial"
+        if not tokens.is_exact_for(x.call.model):
+            note = "estimated with o200k_base; this model has its own tokenizer"
+            x.error = f"{x.error}; {note}" if x.error else note
+        price(rt, x)
+    except Exception as exc:  # the row must be written whatever the estimate does
+        log.exception("estimate_failed", request_id=x.id)
+        x.usage, x.usage_source = x.usage or Usage(), "partial"
+        x.error = f"{x.error or ''} estimate failed: {exc}".strip()
+    finally:
+        _write(rt, x, duration)
+
+
+def estimate(x: Exchange) -> Usage:
+    """Count the prompt and the output streamed so far with tiktoken (CPU, in a thread)."""
+    texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
+    model = x.call.model
+    prompt = tokens.count_texts(texts, model) + overhead
+    output_text = "".join(x.metered.text) if x.metered is not None else ""
+    return Usage(input_tokens=prompt, output_tokens=tokens.count_text(output_text, model))
+
+
+def _write(rt: Runtime, x: Exchange, duration: float) -> None:
+    usage = x.usage or Usage()
+    metered = x.metered
+    row = UsageRow(
+        id=x.id,
+        ts=x.started.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        duration_ms=duration,
+        ttfb_ms=x.ttfb,
+        key_name=x.key_name,
+        provider=x.provider,
+        endpoint=x.call.endpoint,
+        model=x.call.model,
+        response_model=metered.response_model if metered is not None else None,
+        stream=int(x.call.stream),
+        status=x.status,
+        outcome=x.outcome,
+        input_tokens=usage.input_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens,
+        output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        usage_source=x.usage_source,
+        cost_usd=float(x.cost) if x.cost is not None else None,
+        cost_breakdown=orjson.dumps(x.cost_breakdown).decode() if x.cost_breakdown else None,
+        pricing_version=x.pricing_version,
+        priced=int(x.priced),
+        customer=x.customer,
+        feature=x.feature,
+        trace_id=x.trace_id,
+        tags=orjson.dumps(x.tags).decode() if x.tags else None,
+        upstream_request_id=x.upstream_request_id,
+        error=x.error,
+    )
+    rt.writer.submit(row)
+    if rt.budgets is not None:
+        rt.budgets.settle(x)
+    log.info("call", request_id=x.id, provider=x.provider, model=x.call.model,
+             endpoint=x.call.endpoint, status=x.status, outcome=x.outcome,
+             key=x.key_name, customer=x.customer, feature=x.feature,
+             input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
+             output_tokens=usage.output_tokens, cost_usd=row.cost_usd,
+             usage_source=x.usage_source, duration_ms=duration, ttfb_ms=x.ttfb)
+

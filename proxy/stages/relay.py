@@ -1,0 +1,152 @@
+"""relay: send the upstream response back unchanged, metering usage on the side.
+
+Event streams go through chunk by chunk as they arrive; the meter sees each chunk once and
+never holds the stream. Other bodies are read whole (up to BUFFER_LIMIT) so the cost can go
+out as a header before the body; anything larger streams through as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+
+from proxy.dialects.base import Metered
+from proxy.exchange import Exchange
+from proxy.stages.authenticate import HOP_BY_HOP
+
+BUFFER_LIMIT = 32 * 1024 * 1024
+TAIL_KEEP = 256 * 1024
+_DROP = HOP_BY_HOP | {"content-encoding"}
+
+
+def response_headers(upstream: aiohttp.ClientResponse, x: Exchange) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in upstream.headers.items():
+        if name.lower() not in _DROP:
+            headers[name] = value  # repeated headers: aiohttp keeps the last; see below
+    set_cookies = upstream.headers.getall("Set-Cookie", ())
+    if len(set_cookies) > 1:
+        headers.pop("Set-Cookie", None)
+    headers["X-Meter-Request-Id"] = x.id
+    if x.budget_remaining is not None:
+        headers["X-Meter-Budget-Remaining-USD"] = format(x.budget_remaining, "f")
+    return headers
+
+
+async def relay(
+    x: Exchange,
+    upstream: aiohttp.ClientResponse,
+    settle: Callable[[Exchange], None],
+) -> web.StreamResponse:
+    """Return the upstream response to the client; `settle` prices it before headers go."""
+    x.status = upstream.status
+    x.upstream_request_id = upstream.headers.get(x.dialect.request_id_header)
+    if upstream.status >= 400:
+        x.outcome = "upstream_error"
+    content_type = upstream.headers.get("Content-Type", "")
+    try:
+        if content_type.startswith("text/event-stream"):
+            return await _relay_stream(x, upstream)
+        return await _relay_body(x, upstream, settle)
+    finally:
+        upstream.release()
+
+
+async def _relay_stream(x: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    meter = x.dialect.stream_meter(x.call) if x.call.metered and upstream.status < 400 else None
+    out = web.StreamResponse(status=upstream.status, headers=response_headers(upstream, x))
+    await out.prepare(x.request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            x.mark_first_byte()
+            data = meter.feed(chunk) if meter is not None else chunk
+            if data:
+                await _write(x, out, data)
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        if x.outcome == "client_disconnect":
+            raise
+        x.outcome = "upstream_error"
+        x.error = f"upstream stream broke: {type(exc).__name__}"
+    finally:
+        if meter is not None:
+            tail, x.metered = meter.finish()
+        else:
+            tail, x.metered = b"", Metered()
+    if x.outcome == "upstream_error" and upstream.status < 400:
+        # Pass the break on: a clean end would tell the client it has the whole answer.
+        _abort(x)
+        return out
+    if tail:
+        await _write(x, out, tail)
+    if x.metered.error and x.outcome == "ok":
+        x.error = x.metered.error
+    await out.write_eof()
+    return out
+
+
+async def _relay_body(
+    x: Exchange, upstream: aiohttp.ClientResponse, settle: Callable[[Exchange], None]
+) -> web.StreamResponse:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in upstream.content.iter_any():
+            x.mark_first_byte()
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > BUFFER_LIMIT:
+                return await _relay_large(x, upstream, chunks)
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        x.outcome = "upstream_error"
+        x.error = f"upstream body broke: {type(exc).__name__}"
+    body = b"".join(chunks)
+    if x.call.metered and upstream.status < 400 and x.outcome != "upstream_error":
+        x.metered = x.dialect.read_usage(x.call, body)
+    headers = response_headers(upstream, x)
+    settle(x)
+    if x.cost is not None:
+        headers["X-Meter-Cost-USD"] = format(x.cost, "f")
+    return web.Response(status=upstream.status, body=body, headers=headers)
+
+
+async def _relay_large(
+    x: Exchange, upstream: aiohttp.ClientResponse, head: list[bytes]
+) -> web.StreamResponse:
+    """A body too large to hold: stream it on, keep its tail for the usage at its end."""
+    out = web.StreamResponse(status=upstream.status, headers=response_headers(upstream, x))
+    await out.prepare(x.request)
+    tail = b""
+    try:
+        for chunk in head:
+            await _write(x, out, chunk)
+        tail = b"".join(head)[-TAIL_KEEP:]
+        async for chunk in upstream.content.iter_any():
+            await _write(x, out, chunk)
+            tail = (tail + chunk)[-TAIL_KEEP:]
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        if x.outcome == "client_disconnect":
+            raise
+        x.outcome = "upstream_error"
+        x.error = f"upstream body broke: {type(exc).__name__}"
+        _abort(x)
+        return out
+    x.metered = x.dialect.read_usage(x.call, tail) if x.call.metered else Metered()
+    await out.write_eof()
+    return out
+
+
+async def _write(x: Exchange, out: web.StreamResponse, data: bytes) -> None:
+    try:
+        await out.write(data)
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        x.outcome = "client_disconnect"
+        x.error = "client disconnected mid-response"
+        raise
+
+
+def _abort(x: Exchange) -> None:
+    transport = x.request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,13 @@
+"""reserve: hold the call's maximum cost against every budget that applies."""
+
+from __future__ import annotations
+
+from proxy.exchange import Exchange
+from proxy.runtime import Runtime
+
+
+async def reserve(rt: Runtime, x: Exchange) -> None:
+    """Refuse the call (429) if any applicable budget cannot cover its estimate."""
+    if rt.budgets is None or not x.call.metered:
+        return
+    await rt.budgets.reserve(x)

@@ -1,0 +1,46 @@
+"""route and read_body: which provider a call is for, and its body."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import Kind, MeterError
+from proxy.exchange import Exchange
+from proxy.runtime import Runtime
+
+
+def route(rt: Runtime, x: Exchange) -> None:
+    """The first path segment names the provider; the rest goes upstream unchanged."""
+    raw = x.request.raw_path.split("?", 1)[0]
+    _, _, rest = raw.lstrip("/").partition("/")
+    name = raw.lstrip("/").split("/", 1)[0]
+    upstream = rt.upstreams.get(name)
+    if upstream is None:
+        known = ", ".join(sorted(rt.upstreams))
+        raise MeterError(Kind.NOT_FOUND,
+                         f"no provider named {name!r} here: paths start with one of {known}")
+    x.upstream = upstream
+    x.path = "/" + rest
+
+
+async def read_body(rt: Runtime, x: Exchange) -> None:
+    """Read the whole request body (bounded by server.max_body_mb) and parse JSON ones."""
+    try:
+        x.body = await x.request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = rt.settings.server.max_body_mb
+        raise MeterError(Kind.TOO_LARGE, f"request body over the {limit:g} MB limit") from None
+    if x.body and x.body.lstrip()[:1] in (b"{", b"["):
+        try:
+            x.payload = orjson.loads(x.body)
+        except orjson.JSONDecodeError:
+            x.payload = None
+
+
+def inspect(x: Exchange) -> None:
+    """Let the dialect read endpoint, model, stream flag and output limit."""
+    x.call = x.dialect.describe(x.request.method, x.path, x.payload)
+    if x.call.metered and not isinstance(x.payload, dict):
+        raise MeterError(Kind.INVALID_REQUEST,
+                         "the request body is not a JSON object (malformed JSON?)")

@@ -1,0 +1,115 @@
+"""The SQLite usage log: schema migrations, batched inserts, WAL mode.
+
+The file opens cleanly in `sqlite-utils` and `datasette`. Migrations are an append-only
+list; never edit one that has shipped, add the next.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+from proxy.storage.row import COLUMNS, UsageRow
+
+migrations = Migrations("meterproxy")
+
+
+@migrations()
+def m001_usage(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE usage (
+            id TEXT PRIMARY KEY,
+            ts TEXT NOT NULL,
+            duration_ms REAL,
+            ttfb_ms REAL,
+            key_name TEXT,
+            provider TEXT,
+            endpoint TEXT,
+            model TEXT,
+            response_model TEXT,
+            stream INTEGER NOT NULL DEFAULT 0,
+            status INTEGER,
+            outcome TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+            usage_source TEXT,
+            cost_usd REAL,
+            cost_breakdown TEXT,
+            pricing_version TEXT,
+            priced INTEGER NOT NULL DEFAULT 1,
+            customer TEXT,
+            feature TEXT,
+            trace_id TEXT,
+            tags TEXT,
+            upstream_request_id TEXT,
+            error TEXT
+        )
+        """
+    )
+    for column in ("ts", "key_name", "customer", "feature", "model"):
+        db.execute(f"CREATE INDEX idx_usage_{column}_ts ON usage ({column}, ts)")
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a `sqlite:///relative.db` or `sqlite:////absolute.db` URL."""
+    if not url.startswith("sqlite:///"):
+        raise ValueError(f"not a sqlite URL: {url!r} (write sqlite:///file.db)")
+    return Path(url[len("sqlite:///"):])
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the pragmas every user of the log wants."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def migrate(path: Path) -> list[str]:
+    """Create or upgrade the schema; returns the names of the migrations applied now."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_utils.Database(connect(path))
+    try:
+        pending = [m.name for m in migrations.pending(db)]
+        migrations.apply(db)
+        return pending
+    finally:
+        db.close()
+
+
+_INSERT = (f"INSERT OR IGNORE INTO usage ({', '.join(COLUMNS)}) "
+           f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+
+
+class SqliteUsageLog:
+    """Appends rows to one SQLite file. Used from the writer thread only."""
+
+    def __init__(self, url: str) -> None:
+        self.path = sqlite_path(url)
+        self._conn: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        migrate(self.path)
+        self._conn = connect(self.path)
+
+    def write(self, rows: list[UsageRow]) -> None:
+        assert self._conn is not None, "open() first"
+        with self._conn:
+            self._conn.executemany(_INSERT, [row.values() for row in rows])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

