@@ -92,7 +92,6 @@ class AlertsConfig:
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"
-    store_prompts: bool = False
 
 
 @dataclass(frozen=True)

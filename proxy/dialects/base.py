@@ -40,6 +40,9 @@ class Metered:
     text: list[str] = field(default_factory=list)
     # An error event inside an otherwise successful stream.
     error: str | None = None
+    # Input counts a stream reported before its final usage (Anthropic's message_start,
+    # Gemini's early chunks): exact where only the output must be estimated after a cut.
+    prompt_usage: Usage | None = None
 
 
 class StreamMeter(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import struct
-import time
+import zlib
 from typing import Any
 
 import orjson
@@ -12,6 +12,10 @@ from aiohttp import web
 
 from proxy import tokens
 from proxy.simulator import Received, Scenario, Simulator, reply_text, send_events, split_text
+
+
+# A fixed creation time keeps answers byte-identical, direct or through the proxy.
+CREATED = 1727346169
 
 
 def add_routes(app: web.Application, sim: Simulator) -> None:
@@ -105,10 +109,10 @@ async def _chat(request: web.Request, received: Received, scenario: Scenario,
     model = scenario.model or payload.get("model") or request.match_info.get("deployment")
     text = scenario.text if scenario.text is not None else reply_text(prompt)
     usage = scenario.usage or _chat_usage(prompt_tokens, tokens.count_text(text, model))
-    ident = ("cmpl-" if legacy else "chatcmpl-") + "SIM" + str(len(received.body))
-    created = int(time.time())
+    ident = ("cmpl-" if legacy else "chatcmpl-") + "SIM" + str(zlib.crc32(prompt.encode()))
+    created = CREATED
     obj = "text_completion" if legacy else "chat.completion"
-    headers = {"x-request-id": f"req_sim_{created}_{len(received.body)}", **scenario.headers}
+    headers = {"x-request-id": f"req_sim_{ident}", **scenario.headers}
     if not payload.get("stream"):
         choice: dict[str, Any] = (
             {"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"} if legacy else
@@ -162,7 +166,7 @@ async def _responses(request: web.Request, received: Received,
     model = scenario.model or payload.get("model")
     text = scenario.text if scenario.text is not None else reply_text(prompt)
     usage = scenario.usage or _responses_usage(prompt_tokens, tokens.count_text(text, model))
-    created = int(time.time())
+    created = CREATED
     message = {"type": "message", "id": "msg_sim", "status": "completed", "role": "assistant",
                "content": [{"type": "output_text", "text": text, "annotations": []}]}
     response: dict[str, Any] = {

@@ -8,6 +8,7 @@ counted with tiktoken off the event loop, then the row is written.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from decimal import Decimal
 
 import orjson
@@ -100,12 +101,20 @@ async def _estimate_then_write(rt: Runtime, x: Exchange, duration: float) -> Non
 
 
 def estimate(x: Exchange) -> Usage:
-    """Count the prompt and the output streamed so far with tiktoken (CPU, in a thread)."""
-    texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
+    """Count the prompt and the output streamed so far with tiktoken (CPU, in a thread).
+
+    Input counts the provider already reported in the stream are kept as they are: they
+    are exact, and they say which tokens were cache reads and writes.
+    """
     model = x.call.model
-    prompt = tokens.count_texts(texts, model) + overhead
     output_text = "".join(x.metered.text) if x.metered is not None else ""
-    return Usage(input_tokens=prompt, output_tokens=tokens.count_text(output_text, model))
+    output = tokens.count_text(output_text, model)
+    known = x.metered.prompt_usage if x.metered is not None else None
+    if known is not None:
+        return replace(known, output_tokens=output, reasoning_tokens=0, audio_output_tokens=0)
+    texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
+    prompt = tokens.count_texts(texts, model) + overhead
+    return Usage(input_tokens=prompt, output_tokens=output)
 
 
 def _write(rt: Runtime, x: Exchange, duration: float) -> None:

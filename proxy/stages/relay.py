@@ -47,7 +47,10 @@ async def relay(
         x.outcome = "upstream_error"
     content_type = upstream.headers.get("Content-Type", "")
     try:
-        if content_type.startswith("text/event-stream"):
+        # A streamed answer goes on as it arrives whatever its type (Gemini without alt=sse
+        # streams one JSON array): a whole stream is never held back.
+        if content_type.startswith("text/event-stream") or (x.call.stream
+                                                            and upstream.status < 400):
             return await _relay_stream(x, upstream)
         return await _relay_body(x, upstream, settle)
     finally:

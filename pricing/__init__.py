@@ -1,0 +1,1 @@
+"""The pricing tables as package data: importable as proxy.tables (see pyproject.toml)."""
