@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy import query
 from proxy.keys import APP_RUNTIME
+from proxy.runtime import reload_from_source
 from proxy.storage.sqlite import connect, sqlite_path
 from proxy.timeparse import parse_time
 
@@ -20,6 +21,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/_meter/usage", usage)
     app.router.add_get("/_meter/usage/{id}", usage_row)
+    app.router.add_get("/_meter/budgets", budgets)
+    app.router.add_post("/_meter/reload", reload)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -63,6 +66,22 @@ async def usage_row(request: web.Request) -> web.Response:
     if row is None:
         raise web.HTTPNotFound(text='{"error": "no such call"}', content_type="application/json")
     return json_response(row)
+
+
+async def budgets(request: web.Request) -> web.Response:
+    _authorized(request)
+    rt = request.app[APP_RUNTIME]
+    return json_response(await rt.budgets.status() if rt.budgets is not None else [])
+
+
+async def reload(request: web.Request) -> web.Response:
+    """Re-read the configuration file; a bad one is refused and the old one stays."""
+    _authorized(request)
+    error = await reload_from_source(request.app[APP_RUNTIME])
+    if error is not None:
+        return web.Response(status=400, content_type="application/json",
+                            body=orjson.dumps({"status": "refused", "error": error}))
+    return json_response({"status": "reloaded"})
 
 
 async def _read(request: web.Request, fn: Any) -> Any:

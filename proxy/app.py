@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from datetime import datetime
 
 import aiohttp
 import structlog
@@ -21,15 +20,13 @@ from proxy import admin
 from proxy.config import Settings
 from proxy.keys import APP_RUNTIME, APP_SESSION
 from proxy.pipeline import handle
-from proxy.pricing import PriceBook
-from proxy.runtime import Runtime, build_upstreams, key_index
-from proxy.storage import open_usage_log
-from proxy.storage.writer import UsageWriter
+from proxy.runtime import build_runtime, rebuild_budgets, reload_from_source
 
 log = structlog.get_logger("meterproxy")
 
 
-def create_app(settings: Settings, *, clock: Callable[[], Any] | None = None) -> web.Application:
+def create_app(settings: Settings, *,
+               clock: Callable[[], datetime] | None = None) -> web.Application:
     """A ready-to-run application for these settings."""
     max_body = int(settings.server.max_body_mb * 1024 * 1024)
     app = web.Application(client_max_size=max_body)
@@ -40,27 +37,12 @@ def create_app(settings: Settings, *, clock: Callable[[], Any] | None = None) ->
     return app
 
 
-def build_runtime(settings: Settings, clock: Callable[[], Any] | None = None) -> Runtime:
-    storage = settings.storage
-    writer = UsageWriter(open_usage_log(storage.usage_log),
-                         interval_s=storage.flush_interval_ms / 1000,
-                         batch_rows=storage.batch_rows)
-    return Runtime(
-        settings=settings,
-        upstreams=build_upstreams(settings),
-        keys=key_index(settings),
-        prices=PriceBook.load(settings.pricing.dir, settings.pricing.overrides),
-        writer=writer,
-        admin_key=os.environ.get(settings.server.admin_key_env) or None,
-        clock=clock,
-    )
-
-
-def _runtime_ctx(settings: Settings, clock: Callable[[], Any] | None):
+def _runtime_ctx(settings: Settings, clock: Callable[[], datetime] | None):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         rt = await loop.run_in_executor(None, build_runtime, settings, clock)
         await loop.run_in_executor(None, rt.writer.start)
+        await rebuild_budgets(rt)
         app[APP_RUNTIME] = rt
         log.info("started", config=settings.source, usage_log=settings.storage.usage_log,
                  providers=sorted(rt.upstreams), auth=settings.auth.mode,
@@ -69,6 +51,8 @@ def _runtime_ctx(settings: Settings, clock: Callable[[], Any] | None):
         if rt.background:
             await asyncio.wait(set(rt.background), timeout=settings.server.grace_s)
         await loop.run_in_executor(None, rt.writer.close)
+        if rt.budgets is not None:
+            await rt.budgets.ledger.close()
         log.info("stopped", rows_written=rt.writer.written)
 
     return ctx
@@ -81,6 +65,9 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
                                     skip_auto_headers=("User-Agent",))
     app[APP_SESSION] = session
+    rt = app[APP_RUNTIME]
+    if rt.budgets is not None:
+        rt.budgets.alerts.session = session
     yield
     await session.close()
 
@@ -99,9 +86,12 @@ async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Even
     log.info("listening", url=f"http://{host}:{port}")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    rt = app[APP_RUNTIME]
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, lambda: rt.spawn(reload_from_source(rt)))
     if ready is not None:
         ready.set()
     try:

@@ -8,6 +8,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, help="only the first N groups")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.set_defaults(run=cmd_usage)
+
+    p = sub.add_parser("budgets", parents=[common],
+                       help="each budget: limit, spent, reserved, remaining, reset")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.set_defaults(run=cmd_budgets)
 
     p = sub.add_parser("explain", parents=[common], help="one call's row and how it was priced")
     p.add_argument("id")
@@ -137,6 +143,28 @@ def cmd_usage(args: argparse.Namespace) -> int:
         rows = query.usage(conn, q)
     finally:
         conn.close()
+    print(render(rows, args.format))
+    return 0
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    """Spend per budget period from the usage log (a running proxy's holds are not in it:
+    GET /_meter/budgets shows those)."""
+    from proxy.budgets import budgets_from, current_periods, spend_from_log, status_row
+    from proxy.storage.ledger import Balance
+
+    settings = load_settings(args.config)
+    budgets = budgets_from(settings)
+    now = datetime.now(UTC)
+    conn = _log_connection(settings)
+    try:
+        totals = spend_from_log(conn, budgets, now)
+    finally:
+        conn.close()
+    rows = []
+    for budget, scope, key, end in current_periods(budgets, {s for _, s in totals}, now):
+        usd, count = totals.get((key, scope), (Decimal(0), 0))
+        rows.append(status_row(budget, scope, Balance(spent_usd=usd, spent_tokens=count), end))
     print(render(rows, args.format))
     return 0
 

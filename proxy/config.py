@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -65,6 +66,7 @@ class ProviderConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
+    name: str | None = None
     period: str = "month"
     limit_usd: float | None = None
     scope: dict[str, str] = field(default_factory=dict)
@@ -80,6 +82,12 @@ class KeyConfig:
     budgets: list[BudgetConfig] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     models: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReservationsConfig:
+    default_max_output_tokens: int = 4096
+    ttl_s: float = 900
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class Settings:
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     keys: list[KeyConfig] = field(default_factory=list)
     budgets: list[BudgetConfig] = field(default_factory=list)
+    reservations: ReservationsConfig = field(default_factory=ReservationsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<built-in defaults>"
@@ -138,6 +147,7 @@ BUILTIN_PROVIDERS: dict[str, dict[str, Any]] = {
 DIALECTS = ("openai", "anthropic", "gemini")
 AUTH_MODES = ("virtual_keys", "passthrough")
 PERIODS = ("day", "week", "month", "total")
+SCOPE_KEYS = ("key", "customer", "feature")
 
 
 def find_config_file(explicit: str | None) -> Path | None:
@@ -202,6 +212,8 @@ def _validate(s: Settings) -> None:
         fail("auth.mode", f"must be one of {', '.join(AUTH_MODES)}, not {s.auth.mode!r}")
     if not 0 < s.server.port < 65536:
         fail("server.port", f"must be a TCP port (1-65535), not {s.server.port}")
+    if s.reservations.default_max_output_tokens <= 0 or s.reservations.ttl_s <= 0:
+        fail("reservations", "default_max_output_tokens and ttl_s must be positive")
     if s.server.max_body_mb <= 0:
         fail("server.max_body_mb", "must be positive")
     for name, p in s.providers.items():
@@ -249,6 +261,15 @@ def _validate_budget(b: BudgetConfig, path: str, fail: Any) -> None:
         fail(f"{path}.limit_usd", "must not be negative")
     if b.enforce not in ("block", "alert_only"):
         fail(f"{path}.enforce", f"must be block or alert_only, not {b.enforce!r}")
+    if b.limit_tokens is not None and b.limit_tokens < 0:
+        fail(f"{path}.limit_tokens", "must not be negative")
+    try:
+        ZoneInfo(b.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        fail(f"{path}.timezone", f"unknown time zone {b.timezone!r}")
+    for dim in b.scope:
+        if dim not in SCOPE_KEYS and not dim.startswith("tag:"):
+            fail(f"{path}.scope.{dim}", "scopes take key, customer, feature or tag:NAME")
 
 
 def _build(cls: type, data: Any, path: str, source: str) -> Any:

@@ -80,12 +80,13 @@ class Exchange:
     recorded: bool = False
 
     @classmethod
-    def begin(cls, request: web.Request) -> Exchange:
+    def begin(cls, request: web.Request, started: datetime | None = None) -> Exchange:
+        """A new call; `started` is injected by tests that need another time."""
         now = time.time()
         return cls(
             request=request,
             id=new_id(int(now * 1000)),
-            started=datetime.fromtimestamp(now, UTC),
+            started=started or datetime.fromtimestamp(now, UTC),
             t0=time.perf_counter(),
         )
 

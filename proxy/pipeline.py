@@ -31,7 +31,7 @@ log = structlog.get_logger("meterproxy")
 
 async def handle(request: web.Request) -> web.StreamResponse:
     rt = request.app[APP_RUNTIME]
-    x = Exchange.begin(request)
+    x = Exchange.begin(request, rt.clock() if rt.clock is not None else None)
     try:
         route(rt, x)
         await read_body(rt, x)

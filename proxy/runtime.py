@@ -11,15 +11,20 @@ import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from yarl import URL
 
+from proxy.budgets import Budgets, budgets_from, spend_from_log
 from proxy.config import KeyConfig, Settings
 from proxy.dialects import for_name
 from proxy.dialects.base import Dialect
 from proxy.pricing import PriceBook
+from proxy.storage import open_ledger, open_usage_log
+from proxy.storage.ledger import Ledger
+from proxy.storage.sqlite import connect, sqlite_path
 from proxy.storage.writer import UsageWriter
 
 log = structlog.get_logger("meterproxy")
@@ -47,10 +52,13 @@ class Runtime:
     prices: PriceBook
     writer: UsageWriter
     admin_key: str | None
-    clock: Callable[[], Any] | None = None
+    clock: Callable[[], datetime] | None = None
     unpriced_warned: set[tuple[str, str | None]] = field(default_factory=set)
     background: set[asyncio.Task] = field(default_factory=set)
-    budgets: Any = None
+    budgets: Budgets | None = None
+
+    def now(self) -> datetime:
+        return self.clock() if self.clock is not None else datetime.now(UTC)
 
     def spawn(self, coro: Any) -> None:
         """Run a coroutine after the response; shutdown waits for it."""
@@ -62,10 +70,6 @@ class Runtime:
 def build_upstreams(settings: Settings) -> dict[str, Upstream]:
     upstreams = {}
     for name, conf in settings.providers.items():
-        try:
-            for_name(conf.dialect)
-        except ImportError:  # TEMPORARY while the anthropic/gemini dialects are written
-            continue
         upstreams[name] = Upstream(
             name=name,
             base_url=URL(conf.base_url.rstrip("/")),
@@ -90,3 +94,85 @@ def key_digest(key: str) -> str:
 def fingerprint(key: str) -> str:
     """How passthrough mode names a provider key: its first 4 chars and a hash prefix."""
     return f"{key[:4]}…{key_digest(key)[:12]}"
+
+
+def build_runtime(settings: Settings, clock: Callable[[], datetime] | None = None) -> Runtime:
+    storage = settings.storage
+    writer = UsageWriter(open_usage_log(storage.usage_log),
+                         interval_s=storage.flush_interval_ms / 1000,
+                         batch_rows=storage.batch_rows)
+    upstreams, keys, prices, admin_key = build_runtime_parts(settings, clock)
+    rt = Runtime(settings=settings, upstreams=upstreams, keys=keys, prices=prices,
+                 writer=writer, admin_key=admin_key, clock=clock)
+    rt.budgets = build_budgets(rt, open_ledger(storage.ledger))
+    return rt
+
+
+def build_runtime_parts(settings: Settings, clock: Callable[[], datetime] | None = None
+                        ) -> tuple[dict, dict, PriceBook, str | None]:
+    """What a configuration resolves to: upstreams, the key index, prices, the admin key."""
+    return (build_upstreams(settings), key_index(settings),
+            PriceBook.load(settings.pricing.dir, settings.pricing.overrides),
+            os.environ.get(settings.server.admin_key_env) or None)
+
+
+def build_budgets(rt: Runtime, ledger: Ledger) -> Budgets | None:
+    """The budget service for the runtime's settings, or None when no budget is configured."""
+    found = budgets_from(rt.settings)
+    if not found:
+        return None
+    return Budgets(found, ledger, rt.prices, rt.settings, rt.spawn, rt.now)
+
+
+async def rebuild_budgets(rt: Runtime) -> None:
+    """Seed the ledger from the usage log, so a restart forgets no spend."""
+    if rt.budgets is None:
+        return
+    path = sqlite_path(rt.settings.storage.usage_log)
+
+    def read() -> dict:
+        conn = connect(path, readonly=True)
+        try:
+            return spend_from_log(conn, rt.budgets.budgets, rt.now())
+        finally:
+            conn.close()
+
+    totals = await asyncio.get_running_loop().run_in_executor(None, read)
+    await rt.budgets.rebuild(totals)
+
+
+def reload_settings(rt: Runtime, settings: Settings) -> None:
+    """Swap in a new configuration: keys, providers, prices, budgets (the ledger and the
+    alerts already fired carry over). Storage and listen address need a restart."""
+    fresh = build_runtime_parts(settings, rt.clock)
+    old_budgets = rt.budgets
+    rt.settings = settings
+    rt.upstreams, rt.keys, rt.prices, rt.admin_key = fresh
+    rt.budgets = None
+    if old_budgets is not None or budgets_from(settings):
+        ledger = old_budgets.ledger if old_budgets is not None else open_ledger(
+            settings.storage.ledger)
+        rt.budgets = build_budgets(rt, ledger)
+        if rt.budgets is not None and old_budgets is not None:
+            rt.budgets.alerts.fired = old_budgets.alerts.fired
+            rt.budgets.alerts.session = old_budgets.alerts.session
+    log.info("reloaded", config=settings.source, keys=len(rt.keys),
+             budgets=len(rt.budgets.budgets) if rt.budgets else 0)
+
+
+async def reload_from_source(rt: Runtime) -> str | None:
+    """Re-read the configuration file; on any error keep the old one and say why."""
+    from proxy.config import ConfigError, load_settings
+    from proxy.pricing import PricingError
+
+    source = rt.settings.source
+    if source.startswith("<"):
+        return f"nothing to reload: the configuration came from {source}, not a file"
+    loop = asyncio.get_running_loop()
+    try:
+        settings = await loop.run_in_executor(None, load_settings, source)
+        reload_settings(rt, settings)
+    except (ConfigError, PricingError, ValueError, OSError) as exc:
+        log.error("reload_refused", error=str(exc))
+        return str(exc)
+    return None

@@ -18,13 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.config import parse_settings
+from proxy.config import load_settings
 from proxy.keys import APP_RUNTIME
+from proxy.logs import configure
 from proxy.runtime import Runtime
 from proxy.simulator import Simulator
+
+# Log lines go to stderr as JSON, as in production, so stdout stays the CLI's alone.
+configure("info", "json")
 
 VIRTUAL_KEY = "mp-test-virtual-key-0001"
 OTHER_KEY = "mp-test-virtual-key-0002"
@@ -45,8 +50,10 @@ def free_port() -> int:
 class Stack:
     """A simulator and a proxy in front of it, with helpers to read the usage log."""
 
-    def __init__(self, tmp: Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, tmp: Path, config: dict[str, Any] | None = None,
+                 clock: Any = None) -> None:
         self.sim = Simulator()
+        tmp.mkdir(parents=True, exist_ok=True)
         self.db = tmp / "usage.db"
         self.sim_port = free_port()
         self.port = free_port()
@@ -65,7 +72,10 @@ class Stack:
         }
         base["providers"]["azure"].update({"dialect": "openai", "auth_header": "api-key",
                                            "pricing": "openai"})
-        self.settings = parse_settings(_merge(base, config or {}), "<test>")
+        self.config_path = tmp / "meterproxy.yaml"
+        self.write_config(_merge(base, config or {}))
+        self.settings = load_settings(str(self.config_path))
+        self.clock = clock
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -83,11 +93,15 @@ class Stack:
         self.sim_runner = web.AppRunner(self.sim.app(), access_log=None)
         await self.sim_runner.setup()
         await web.TCPSite(self.sim_runner, "127.0.0.1", self.sim_port).start()
-        self.app = create_app(self.settings)
+        self.app = create_app(self.settings, clock=self.clock)
         self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
                                     shutdown_timeout=5)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config))
 
     @property
     def runtime(self) -> Runtime:

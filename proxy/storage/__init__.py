@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from proxy.storage.ledger import Ledger, LocalLedger
 from proxy.storage.writer import UsageLog
 
 
@@ -12,3 +13,10 @@ def open_usage_log(url: str) -> UsageLog:
 
         return SqliteUsageLog(url)
     raise ValueError(f"storage.usage_log: unsupported URL {url!r} (use sqlite:///file.db)")
+
+
+def open_ledger(url: str) -> Ledger:
+    """The budget ledger a `storage.ledger` setting names."""
+    if url == "local":
+        return LocalLedger()
+    raise ValueError(f"storage.ledger: unsupported ledger {url!r} (use local)")

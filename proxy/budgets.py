@@ -1,0 +1,347 @@
+"""Budgets: which apply to a call, what it may cost at most, and the alerts they raise.
+
+Before forwarding, a call's maximum cost (the prompt counted with tiktoken, plus its
+output limit at the output price) is held against every budget that applies, in one
+atomic ledger step; if any would go over, nothing is forwarded. When the call ends, the
+hold is replaced by the actual cost. So concurrent calls cannot together overspend a
+budget by more than the estimation error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import orjson
+import structlog
+
+from proxy import tokens
+from proxy.config import BudgetConfig, Settings
+from proxy.errors import Kind, MeterError
+from proxy.pricing import PriceBook, cost
+from proxy.storage.ledger import ZERO, Balance, Hold, Ledger
+from proxy.usage import Usage
+
+log = structlog.get_logger("meterproxy.budgets")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Prompts longer than this are counted in a thread so the event loop keeps moving.
+INLINE_COUNT_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One configured budget; a `*` in its scope stands for each value separately."""
+
+    name: str | None
+    scope: tuple[tuple[str, str], ...]
+    period: str
+    tz: ZoneInfo
+    limit_usd: Decimal | None
+    limit_tokens: int | None
+    block: bool
+
+    def concrete_scope(self, attrs: dict[str, str | None]) -> str | None:
+        """`customer=acme,feature=search` for a call this budget covers, else None."""
+        parts = []
+        for dim, want in self.scope:
+            got = attrs.get(dim)
+            if got is None or (want != "*" and got != want):
+                return None
+            parts.append(f"{dim}={got}")
+        return ",".join(parts)
+
+    def bounds(self, now: datetime) -> tuple[datetime, datetime | None]:
+        """The start and end (UTC) of the period containing `now`; `total` never ends."""
+        if self.period == "total":
+            return EPOCH, None
+        local = now.astimezone(self.tz)
+        day = local.date()
+        if self.period == "week":
+            day -= timedelta(days=day.weekday())
+        elif self.period == "month":
+            day = day.replace(day=1)
+        start = datetime(day.year, day.month, day.day, tzinfo=self.tz)
+        if self.period == "day":
+            nxt = day + timedelta(days=1)
+        elif self.period == "week":
+            nxt = day + timedelta(days=7)
+        else:
+            nxt = (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+        end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=self.tz)
+        return start.astimezone(UTC), end.astimezone(UTC)
+
+    def key(self, scope: str, start: datetime) -> str:
+        label = f"{self.name}:" if self.name else ""
+        return f"{label}{scope}/{self.period}@{start:%Y-%m-%dT%H:%MZ}"
+
+    def describe(self, scope: str) -> str:
+        limits = []
+        if self.limit_usd is not None:
+            limits.append(f"${self.limit_usd:f}")
+        if self.limit_tokens is not None:
+            limits.append(f"{self.limit_tokens:,} tokens")
+        name = f"{self.name!r} " if self.name else ""
+        return f"the {self.period} budget {name}for {scope} (limit {' and '.join(limits)})"
+
+
+def budgets_from(settings: Settings) -> list[Budget]:
+    def one(conf: BudgetConfig, scope: dict[str, str]) -> Budget:
+        return Budget(
+            name=conf.name,
+            scope=tuple(sorted(scope.items())),
+            period=conf.period,
+            tz=ZoneInfo(conf.timezone),
+            limit_usd=Decimal(str(conf.limit_usd)) if conf.limit_usd is not None else None,
+            limit_tokens=conf.limit_tokens,
+            block=conf.enforce == "block",
+        )
+
+    found = [one(b, {"key": k.name}) for k in settings.keys for b in k.budgets]
+    found += [one(b, b.scope) for b in settings.budgets]
+    return found
+
+
+def call_attrs(key: str | None, customer: str | None, feature: str | None,
+               tags: dict[str, str] | None) -> dict[str, str | None]:
+    attrs: dict[str, str | None] = {"key": key, "customer": customer, "feature": feature}
+    for name, value in (tags or {}).items():
+        attrs[f"tag:{name}"] = value
+    return attrs
+
+
+@dataclass(slots=True)
+class Reservation:
+    holds: list[tuple[Budget, str, Hold]]
+
+
+class Alerts:
+    """Threshold alerts, once per budget period and threshold: a log event, a gauge, a POST."""
+
+    def __init__(self, thresholds: Iterable[float], webhook_url: str | None,
+                 spawn: Callable[[Any], None]) -> None:
+        self.thresholds = sorted(Decimal(str(t)) for t in thresholds)
+        self.webhook_url = webhook_url
+        self.spawn = spawn
+        self.fired: set[tuple[str, Decimal]] = set()
+        self.utilisation: dict[str, tuple[Budget, str, float]] = {}
+        self.session: aiohttp.ClientSession | None = None
+
+    def observe(self, budget: Budget, scope: str, hold_key: str, balance: Balance,
+                *, quiet: bool = False) -> None:
+        if budget.limit_usd is not None and budget.limit_usd > 0:
+            ratio = balance.spent_usd / budget.limit_usd
+        elif budget.limit_tokens:
+            ratio = Decimal(balance.spent_tokens) / Decimal(budget.limit_tokens)
+        else:
+            return
+        self.utilisation[hold_key] = (budget, scope, float(ratio))
+        for threshold in self.thresholds:
+            if ratio >= threshold and (hold_key, threshold) not in self.fired:
+                self.fired.add((hold_key, threshold))
+                if not quiet:
+                    self._fire(budget, scope, hold_key, balance, threshold)
+
+    def _fire(self, budget: Budget, scope: str, hold_key: str, balance: Balance,
+              threshold: Decimal) -> None:
+        event = {"budget": hold_key, "scope": scope, "name": budget.name,
+                 "period": budget.period, "spent_usd": str(balance.spent_usd),
+                 "limit_usd": None if budget.limit_usd is None else str(budget.limit_usd),
+                 "spent_tokens": balance.spent_tokens, "limit_tokens": budget.limit_tokens,
+                 "threshold": float(threshold)}
+        log.warning("budget_alert", **event)
+        if self.webhook_url and self.session is not None:
+            self.spawn(self._post(event))
+
+    async def _post(self, event: dict[str, Any]) -> None:
+        assert self.session is not None and self.webhook_url is not None
+        body = orjson.dumps(event)
+        for attempt in range(4):
+            try:
+                async with self.session.post(
+                        self.webhook_url, data=body, timeout=aiohttp.ClientTimeout(total=10),
+                        headers={"Content-Type": "application/json"}) as resp:
+                    if resp.status < 500:
+                        return
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                log.warning("budget_webhook_failed", attempt=attempt + 1, error=str(exc))
+            await asyncio.sleep(0.5 * 2 ** attempt)
+        log.error("budget_webhook_gave_up", budget=event["budget"])
+
+
+class Budgets:
+    """Reserve and settle against the ledger for every budget that applies to a call."""
+
+    def __init__(self, budgets: list[Budget], ledger: Ledger, prices: PriceBook,
+                 settings: Settings, spawn: Callable[[Any], None],
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.budgets = budgets
+        self.ledger = ledger
+        self.prices = prices
+        self.ttl_s = settings.reservations.ttl_s
+        self.default_output = settings.reservations.default_max_output_tokens
+        self.spawn = spawn
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.alerts = Alerts(settings.alerts.thresholds, settings.alerts.webhook_url, spawn)
+
+    def applicable(self, attrs: dict[str, str | None], now: datetime
+                   ) -> list[tuple[Budget, str, str, datetime | None]]:
+        found = []
+        for budget in self.budgets:
+            scope = budget.concrete_scope(attrs)
+            if scope is not None:
+                start, end = budget.bounds(now)
+                found.append((budget, scope, budget.key(scope, start), end))
+        return found
+
+    async def reserve(self, x: Any) -> None:
+        """Hold the call's maximum cost on every budget that applies, or refuse it (429)."""
+        now = x.started
+        applicable = self.applicable(call_attrs(x.key_name, x.customer, x.feature, x.tags), now)
+        if not applicable:
+            return
+        usd, count = await self.estimate(x, now)
+        holds = [Hold(key=key, usd=usd, tokens=count, limit_usd=b.limit_usd,
+                      limit_tokens=b.limit_tokens, block=b.block, period_end=end)
+                 for b, _, key, end in applicable]
+        result = await self.ledger.reserve(x.id, holds, self.ttl_s)
+        if result.refused is not None:
+            budget, scope, _, end = applicable[holds.index(result.refused)]
+            headers = {"x-should-retry": "false"}
+            if end is not None:
+                headers["Retry-After"] = str(max(1, math.ceil((end - now).total_seconds())))
+                when = f"it resets at {end:%Y-%m-%dT%H:%M:%SZ}"
+            else:
+                when = "it does not reset"
+            raise MeterError(Kind.BUDGET_EXCEEDED,
+                             f"budget_exceeded: {budget.describe(scope)} has no room for this "
+                             f"call; {when}", headers=headers)
+        x.reservation = Reservation([(b, scope, h) for (b, scope, _, _), h
+                                     in zip(applicable, holds, strict=True)])
+        remaining = [h.limit_usd - bal.spent_usd - bal.reserved_usd
+                     for h, bal in zip(holds, result.balances, strict=True)
+                     if h.limit_usd is not None]
+        if remaining:
+            x.budget_remaining = max(min(remaining), ZERO)
+
+    async def estimate(self, x: Any, now: datetime) -> tuple[Decimal, int]:
+        """The call's most expensive outcome: its prompt plus its whole output allowance."""
+        texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
+        model = x.call.model
+        if len(x.body) > INLINE_COUNT_BYTES:
+            loop = asyncio.get_running_loop()
+            prompt = await loop.run_in_executor(None, tokens.count_texts, texts, model)
+        else:
+            prompt = tokens.count_texts(texts, model)
+        prompt += overhead
+        table = x.upstream.pricing_table
+        output = x.call.max_output_tokens
+        if output is None:
+            entry = self.prices.model(table, [model])
+            output = entry.max_output_tokens if entry and entry.max_output_tokens \
+                else self.default_output
+        price = self.prices.lookup(table, [model], now)
+        usage = Usage(input_tokens=prompt, output_tokens=output)
+        usd = cost(usage, price, now).total if price is not None else ZERO
+        return usd, prompt + output
+
+    def settle(self, x: Any) -> None:
+        """Replace the call's holds by its actual cost (zero for a refused or failed call)."""
+        reservation: Reservation | None = x.reservation
+        if reservation is None:
+            return
+        x.reservation = None
+        usd = x.cost if x.cost is not None else ZERO
+        usage = x.usage or Usage()
+        count = usage.prompt_tokens + usage.output_tokens
+        self.spawn(self._settle(x.id, usd, count, reservation))
+
+    async def _settle(self, call_id: str, usd: Decimal, count: int,
+                      reservation: Reservation) -> None:
+        settled = await self.ledger.settle(call_id, usd, count)
+        scopes = {h.key: (b, scope) for b, scope, h in reservation.holds}
+        for hold, balance in settled:
+            budget, scope = scopes[hold.key]
+            self.alerts.observe(budget, scope, hold.key, balance)
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Every current budget period the ledger has seen, for the admin API."""
+        seen = {scope for _, scope, _ in self.alerts.utilisation.values()}
+        periods = current_periods(self.budgets, seen, self.clock())
+        balances = await self.ledger.balances([key for _, _, key, _ in periods])
+        return [status_row(b, scope, balances[key], end) for b, scope, key, end in periods]
+
+    async def rebuild(self, totals: dict[tuple[str, str], tuple[Decimal, int]]) -> None:
+        """Seed the ledger with spend summed from the usage log; mark passed thresholds."""
+        await self.ledger.seed({key: amounts for (key, _), amounts in totals.items()})
+        periods = current_periods(self.budgets, {scope for _, scope in totals}, self.clock())
+        balances = await self.ledger.balances([key for _, _, key, _ in periods])
+        for budget, scope, key, _ in periods:
+            self.alerts.observe(budget, scope, key, balances[key], quiet=True)
+
+
+def current_periods(budgets: list[Budget], seen: Iterable[str], now: datetime
+                    ) -> list[tuple[Budget, str, str, datetime | None]]:
+    """Each budget's current period for every scope seen (and its own, if not `*`)."""
+    found = []
+    for budget in budgets:
+        scopes = {s for s in seen if budget.concrete_scope(_attrs_of(s)) == s}
+        if all(want != "*" for _, want in budget.scope):
+            scopes.add(",".join(f"{d}={v}" for d, v in budget.scope))
+        start, end = budget.bounds(now)
+        found += [(budget, scope, budget.key(scope, start), end) for scope in sorted(scopes)]
+    return found
+
+
+def _attrs_of(scope: str) -> dict[str, str | None]:
+    return dict(part.split("=", 1) for part in scope.split(",")) if scope else {}
+
+
+def status_row(budget: Budget, scope: str, balance: Balance,
+               end: datetime | None) -> dict[str, Any]:
+    remaining = None
+    if budget.limit_usd is not None:
+        remaining = max(budget.limit_usd - balance.spent_usd - balance.reserved_usd, ZERO)
+    return {
+        "scope": scope, "name": budget.name, "period": budget.period,
+        "limit_usd": budget.limit_usd, "spent_usd": balance.spent_usd,
+        "reserved_usd": balance.reserved_usd, "remaining_usd": remaining,
+        "limit_tokens": budget.limit_tokens, "spent_tokens": balance.spent_tokens,
+        "enforce": "block" if budget.block else "alert_only",
+        "resets_at": end.strftime("%Y-%m-%dT%H:%M:%SZ") if end else None,
+    }
+
+
+def spend_from_log(conn: Any, budgets: list[Budget], now: datetime
+                   ) -> dict[tuple[str, str], tuple[Decimal, int]]:
+    """Each current budget period's spend, summed exactly from the usage log (by hour)."""
+    starts = [b.bounds(now)[0] for b in budgets]
+    if not starts:
+        return {}
+    since = min(starts).strftime("%Y-%m-%dT%H")
+    sql = ("SELECT key_name, customer, feature, tags, substr(ts, 1, 13) AS hour, "
+           "sum(CAST(round(coalesce(cost_usd, 0) * 1e10) AS INTEGER)), "
+           "sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens) "
+           "FROM usage WHERE ts >= ? GROUP BY 1, 2, 3, 4, 5")
+    totals: dict[tuple[str, str], tuple[Decimal, int]] = {}
+    units = Decimal("1e-10")
+    for key_name, customer, feature, tags, hour, cost_units, count in conn.execute(sql, (since,)):
+        at = datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=UTC)
+        attrs = call_attrs(key_name, customer, feature, orjson.loads(tags) if tags else None)
+        for budget in budgets:
+            scope = budget.concrete_scope(attrs)
+            if scope is None:
+                continue
+            start, end = budget.bounds(now)
+            if at < start or (end is not None and at >= end):
+                continue
+            k = (budget.key(scope, start), scope)
+            usd, n = totals.get(k, (ZERO, 0))
+            totals[k] = (usd + Decimal(cost_units or 0) * units, n + (count or 0))
+    return totals
