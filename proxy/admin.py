@@ -19,6 +19,7 @@ from proxy.timeparse import parse_time
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/_meter/usage", usage)
     app.router.add_get("/_meter/usage/{id}", usage_row)
     app.router.add_get("/_meter/budgets", budgets)
@@ -29,6 +30,13 @@ async def healthz(request: web.Request) -> web.Response:
     rt = request.app[APP_RUNTIME]
     return json_response({"status": "ok", "pending_rows": rt.writer.pending,
                           "write_failures": rt.writer.failures})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    _authorized(request)
+    text = request.app[APP_RUNTIME].metrics.render()
+    return web.Response(body=text.encode(), headers={
+        "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 def _authorized(request: web.Request) -> None:

@@ -21,6 +21,7 @@ from proxy.budgets import Budgets, budgets_from, spend_from_log
 from proxy.config import KeyConfig, Settings
 from proxy.dialects import for_name
 from proxy.dialects.base import Dialect
+from proxy.metrics import Metrics, gauge
 from proxy.pricing import PriceBook
 from proxy.storage import open_ledger, open_usage_log
 from proxy.storage.ledger import Ledger
@@ -56,6 +57,28 @@ class Runtime:
     unpriced_warned: set[tuple[str, str | None]] = field(default_factory=set)
     background: set[asyncio.Task] = field(default_factory=set)
     budgets: Budgets | None = None
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.known_model)
+        self.metrics.gauges.append(self._gauges)
+
+    def known_model(self, provider: str | None, model: str | None) -> bool:
+        upstream = self.upstreams.get(provider or "")
+        return upstream is not None and self.prices.model(upstream.pricing_table,
+                                                          [model]) is not None
+
+    def _gauges(self) -> list[str]:
+        lines = gauge("meterproxy_usage_log_pending_rows", "Rows queued, not yet written.",
+                      [((), self.writer.pending)])
+        lines += gauge("meterproxy_usage_log_write_failures", "Failed usage-log writes.",
+                       [((), self.writer.failures)])
+        if self.budgets is not None:
+            lines += gauge(
+                "meterproxy_budget_utilisation", "Spent share of each budget period's limit.",
+                [((("budget", key), ("period", b.period)), ratio)
+                 for key, (b, _, ratio) in sorted(self.budgets.alerts.utilisation.items())])
+        return lines
 
     def now(self) -> datetime:
         return self.clock() if self.clock is not None else datetime.now(UTC)

@@ -152,6 +152,7 @@ def _write(rt: Runtime, x: Exchange, duration: float) -> None:
         error=x.error,
     )
     rt.writer.submit(row)
+    rt.metrics.observe(row)
     if rt.budgets is not None:
         rt.budgets.settle(x)
     log.info("call", request_id=x.id, provider=x.provider, model=x.call.model,

@@ -1,0 +1,113 @@
+"""Prometheus metrics, kept in plain dicts and rendered in the text exposition format.
+
+Labels are bounded: provider, key name, outcome, and the model only when the pricing
+tables know it (otherwise `other`), so a client cannot blow up the series count. No
+customer or trace id is ever a label.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+from proxy.storage.row import UsageRow
+
+BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
+TOKEN_CLASSES = ("input", "cached_input", "cache_write", "cache_write_1h", "output",
+                 "reasoning")
+Labels = tuple[tuple[str, str], ...]
+
+
+class Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS_MS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS_MS, value)] += 1
+        self.sum += value
+
+
+class Metrics:
+    """Counters and histograms of calls; gauges are read from callbacks when scraped."""
+
+    def __init__(self, known_model: Callable[[str | None, str | None], bool]) -> None:
+        self._known_model = known_model
+        self.calls: defaultdict[Labels, int] = defaultdict(int)
+        self.tokens: defaultdict[Labels, int] = defaultdict(int)
+        self.cost: defaultdict[Labels, float] = defaultdict(float)
+        self.unpriced: defaultdict[Labels, int] = defaultdict(int)
+        self.duration: defaultdict[Labels, Histogram] = defaultdict(Histogram)
+        self.ttfb: defaultdict[Labels, Histogram] = defaultdict(Histogram)
+        self.gauges: list[Callable[[], Iterable[str]]] = []
+
+    def observe(self, row: UsageRow) -> None:
+        model = row.model if self._known_model(row.provider, row.model) else "other"
+        base: Labels = (("provider", row.provider or "none"), ("model", model or "none"),
+                        ("key", row.key_name or "none"))
+        self.calls[(*base, ("outcome", row.outcome))] += 1
+        for name in TOKEN_CLASSES:
+            value = getattr(row, f"{name}_tokens")
+            if value:
+                self.tokens[(*base, ("class", name))] += value
+        if row.cost_usd is not None:
+            self.cost[base] += row.cost_usd
+        elif not row.priced:
+            self.unpriced[base] += 1
+        timing: Labels = (("provider", row.provider or "none"), ("stream", str(row.stream)))
+        if row.duration_ms is not None:
+            self.duration[timing].observe(row.duration_ms)
+        if row.ttfb_ms is not None:
+            self.ttfb[timing].observe(row.ttfb_ms)
+
+    def render(self) -> str:
+        out: list[str] = []
+        _counter(out, "meterproxy_calls_total", "Calls through the proxy.", self.calls)
+        _counter(out, "meterproxy_tokens_total", "Tokens by class.", self.tokens)
+        _counter(out, "meterproxy_cost_usd_total", "Cost in USD of priced calls.", self.cost)
+        _counter(out, "meterproxy_unpriced_calls_total", "Calls to models with no price.",
+                 self.unpriced)
+        _histogram(out, "meterproxy_duration_ms", "Call duration in milliseconds.",
+                   self.duration)
+        _histogram(out, "meterproxy_ttfb_ms", "Time to the provider's first byte (ms).",
+                   self.ttfb)
+        for gauge in self.gauges:
+            out.extend(gauge())
+        return "\n".join(out) + "\n"
+
+
+def labels_text(labels: Labels) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _counter(out: list[str], name: str, help_text: str, values: dict) -> None:
+    out += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+    out += [f"{name}{labels_text(k)} {v}" for k, v in sorted(values.items())]
+
+
+def _histogram(out: list[str], name: str, help_text: str,
+               values: dict[Labels, Histogram]) -> None:
+    out += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    for labels, hist in sorted(values.items()):
+        running = 0
+        for bound, count in zip((*BUCKETS_MS, "+Inf"), hist.counts, strict=True):
+            running += count
+            out.append(f'{name}_bucket{labels_text((*labels, ("le", str(bound))))} {running}')
+        out.append(f"{name}_sum{labels_text(labels)} {hist.sum}")
+        out.append(f"{name}_count{labels_text(labels)} {running}")
+
+
+def gauge(name: str, help_text: str, samples: Iterable[tuple[Labels, float]]) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+    lines += [f"{name}{labels_text(k)} {v}" for k, v in samples]
+    return lines

@@ -1,0 +1,67 @@
+"""GET /metrics: Prometheus text that parses, counts every call, and needs the admin key."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import PROVIDER_KEY, VIRTUAL_KEY, Stack, http
+
+ADMIN_KEY = "metrics-admin-key"
+
+
+@pytest.fixture(scope="module")
+def mstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    os.environ["METERPROXY_TEST_METRICS_ADMIN"] = ADMIN_KEY
+    s = Stack(tmp_path_factory.mktemp("metrics"), {
+        "server": {"admin_key_env": "METERPROXY_TEST_METRICS_ADMIN"},
+        "budgets": [{"scope": {"customer": "*"}, "period": "month", "limit_usd": 1}]})
+    yield s
+    s.close()
+
+
+def scrape(stack: Stack) -> dict[str, list]:
+    reply = http("GET", f"{stack.url}/metrics", None, {"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = reply.content.decode()
+    assert PROVIDER_KEY not in text and VIRTUAL_KEY not in text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_count_calls_tokens_cost_and_budgets(mstack: Stack) -> None:
+    """Counters match the usage log; unknown models are labelled `other`; budgets gauge."""
+    client = openai.OpenAI(base_url=mstack.base(), api_key=VIRTUAL_KEY, max_retries=0)
+    for model in ("gpt-4o-mini", "gpt-4o-mini", "made-up-model"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                       extra_headers={"X-Meter-Customer": "acme"})
+    rows = mstack.rows(3)
+    families = scrape(mstack)
+    calls = {(s.labels["model"], s.labels["outcome"]): s.value
+             for s in families["meterproxy_calls"]}
+    assert calls == {("gpt-4o-mini", "ok"): 2, ("other", "ok"): 1}
+    tokens = sum(s.value for s in families["meterproxy_tokens"]
+                 if s.labels["class"] == "input")
+    assert tokens == sum(r["input_tokens"] for r in rows)
+    cost = sum(s.value for s in families["meterproxy_cost_usd"])
+    assert cost == pytest.approx(sum(r["cost_usd"] or 0 for r in rows))
+    assert [s.value for s in families["meterproxy_unpriced_calls"]] == [1]
+    (util,) = families["meterproxy_budget_utilisation"]
+    assert "customer=acme" in util.labels["budget"]
+    assert util.value == pytest.approx(cost)
+    durations = [s for s in families["meterproxy_duration_ms"]
+                 if s.name.endswith("_count")]
+    assert sum(s.value for s in durations) == 3
+
+
+def test_metrics_and_admin_need_the_key(mstack: Stack) -> None:
+    """Without the admin key /metrics and /_meter/* answer 401; /healthz is open."""
+    assert http("GET", f"{mstack.url}/metrics").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert http("GET", f"{mstack.url}/_meter/usage", None, wrong).status_code == 401
+    health = http("GET", f"{mstack.url}/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
