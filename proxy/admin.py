@@ -28,8 +28,11 @@ def add_routes(app: web.Application) -> None:
 
 async def healthz(request: web.Request) -> web.Response:
     rt = request.app[APP_RUNTIME]
-    return json_response({"status": "ok", "pending_rows": rt.writer.pending,
-                          "write_failures": rt.writer.failures})
+    writer = rt.writer
+    ok = writer.healthy and not writer.dropped
+    return json_response({"status": "ok" if ok else "degraded",
+                          "pending_rows": writer.pending, "write_failures": writer.failures,
+                          "dropped_rows": writer.dropped})
 
 
 async def metrics(request: web.Request) -> web.Response:

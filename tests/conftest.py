@@ -197,3 +197,55 @@ def http(method: str, url: str, body: bytes | None = None,
             return Reply(resp.status, dict(resp.headers), resp.read())
     except urllib.error.HTTPError as err:
         return Reply(err.code, dict(err.headers), err.read())
+
+
+class Served:
+    """`meterproxy serve` as its own process, on a config written to a file."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None,
+                 port: int | None = None, args: tuple[str, ...] = ()) -> None:
+        import subprocess
+        import sys
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = tmp / f"serve-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / f"serve-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config_path),
+             "--port", str(self.port), *args],
+            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=self._log)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.logs()}")
+            try:
+                if http("GET", f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"serve did not become ready: {self.logs()}")
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()

@@ -2,6 +2,9 @@
 
 The request path only appends to a queue, so the event loop never waits on disk. Rows are
 written at least every `interval_s` or every `batch_rows`, and `close` flushes them all.
+When the log fails (disk full, read-only, database away) rows wait in a bounded backlog
+and are retried every interval; past the bound they are counted as dropped and reported
+loudly, never lost silently.
 """
 
 from __future__ import annotations
@@ -30,10 +33,15 @@ _STOP = object()
 class UsageWriter:
     """Batches rows from any thread into `log.write`, off the event loop."""
 
-    def __init__(self, log: UsageLog, *, interval_s: float = 0.25, batch_rows: int = 500) -> None:
+    def __init__(self, log: UsageLog, *, interval_s: float = 0.25, batch_rows: int = 500,
+                 max_backlog: int = 100_000) -> None:
         self.log = log
         self.interval_s = interval_s
         self.batch_rows = batch_rows
+        self.max_backlog = max_backlog
+        self._backlog: list[UsageRow] = []
+        self.dropped = 0
+        self.healthy = True
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._written = 0
@@ -56,14 +64,15 @@ class UsageWriter:
 
     @property
     def pending(self) -> int:
-        return self._submitted - self._written
+        """Rows submitted and neither written nor (at the backlog bound) dropped."""
+        return self._submitted - self._written - self.dropped
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every row submitted so far is written (for tests and shutdown)."""
         target = self._submitted
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._written < target:
+            while self._written + self.dropped < target:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -77,40 +86,68 @@ class UsageWriter:
         self.log.close()
 
     def _run(self) -> None:
-        batch: list[UsageRow] = []
         stopping = False
         while not stopping:
-            deadline = time.monotonic() + self.interval_s
-            try:
-                item = self._queue.get(timeout=self.interval_s)
-            except queue.Empty:
-                continue
-            while True:
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)  # type: ignore[arg-type]
-                if len(batch) >= self.batch_rows:
-                    break
-                left = deadline - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._write(batch)
-                batch = []
-
-    def _write(self, batch: list[UsageRow]) -> None:
-        for attempt in range(3):
-            try:
-                self.log.write(batch)
+            batch, stopping = self._collect()
+            self._hold(batch)
+            if self._backlog:
+                self._drain()
+        for attempt in range(5):  # shutting down: a few more tries before giving up loudly
+            if not self._backlog:
                 break
+            time.sleep(0.2 * (attempt + 1))
+            self._drain()
+        if self._backlog:
+            log.critical("usage_rows_lost_at_shutdown", rows=len(self._backlog))
+            self._resolve(dropped=len(self._backlog))
+            self._backlog = []
+
+    def _collect(self) -> tuple[list[UsageRow], bool]:
+        """Rows that arrive within one interval (at most batch_rows), and whether to stop."""
+        batch: list[UsageRow] = []
+        deadline = time.monotonic() + self.interval_s
+        timeout = self.interval_s
+        while len(batch) < self.batch_rows:
+            try:
+                item = self._queue.get(timeout=timeout) if timeout > 0 \
+                    else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)  # type: ignore[arg-type]
+            timeout = deadline - time.monotonic()
+        return batch, False
+
+    def _hold(self, batch: list[UsageRow]) -> None:
+        """Queue rows for writing, within the backlog bound; beyond it, count them loudly."""
+        room = self.max_backlog - len(self._backlog)
+        if len(batch) > room:
+            lost = len(batch) - max(room, 0)
+            log.error("usage_rows_dropped", rows=lost, backlog=len(self._backlog),
+                      reason="the usage log has been failing and the backlog is full")
+            self._resolve(dropped=lost)
+            batch = batch[:max(room, 0)]
+        self._backlog.extend(batch)
+
+    def _drain(self) -> None:
+        """Write the backlog oldest first; on failure keep it and retry next interval."""
+        while self._backlog:
+            chunk = self._backlog[: self.batch_rows]
+            try:
+                self.log.write(chunk)
             except Exception as exc:  # the log must never take the proxy down
                 self.failures += 1
-                log.error("usage_log_write_failed", rows=len(batch), attempt=attempt + 1,
+                self.healthy = False
+                log.error("usage_log_write_failed", rows=len(chunk), backlog=len(self._backlog),
                           error=str(exc))
-                time.sleep(0.2 * (attempt + 1))
+                return
+            del self._backlog[: len(chunk)]
+            self.healthy = True
+            self._resolve(written=len(chunk))
+
+    def _resolve(self, written: int = 0, dropped: int = 0) -> None:
         with self._cond:
-            self._written += len(batch)
+            self._written += written
+            self.dropped += dropped
             self._cond.notify_all()
