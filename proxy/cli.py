@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the proxy")
     p.add_argument("--host", help="listen address (default: server.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default: server.port, 8787)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N processes on one port (SO_REUSEPORT); N > 1 needs the Redis ledger")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("usage", parents=[common], help="aggregates from the usage log")
@@ -92,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", help="only this table")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.set_defaults(run=cmd_pricing_list)
+    p = pricing.add_parser("check", parents=[common],
+                           help="validate the tables; --unpriced lists unpriced models seen")
+    p.add_argument("--unpriced", action="store_true",
+                   help="also list models in the usage log that had no price")
+    p.set_defaults(run=cmd_pricing_check)
+    p = pricing.add_parser("diff", parents=[common],
+                           help="compare the tables with another price database")
+    p.add_argument("--against", choices=("genai-prices",), default="genai-prices")
+    p.add_argument("--all", action="store_true", help="also show the listed exceptions")
+    p.set_defaults(run=cmd_pricing_diff)
+
+    p = sub.add_parser("reprice", parents=[common],
+                       help="recompute logged costs after a pricing-table fix")
+    p.add_argument("--since", required=True, help="ISO date or datetime, or relative 30d")
+    p.add_argument("--until", help="ISO date or datetime (exclusive)")
+    p.add_argument("--dry-run", action="store_true", help="report the change, write nothing")
+    p.set_defaults(run=cmd_reprice)
 
     p = sub.add_parser("demo", help="a simulated provider, the proxy and traffic; then a report")
     p.add_argument("--calls", type=int, default=36, help="how many calls to drive")
@@ -108,6 +127,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure(settings.logging.level, settings.logging.format)
     host = args.host or settings.server.host
     port = args.port or settings.server.port
+    if args.workers != 1:
+        from proxy.workers import run_workers
+
+        return run_workers(settings, host, port, args.workers)
     _run(serve(settings, host, port))
     return 0
 
@@ -271,6 +294,83 @@ def cmd_pricing_list(args: argparse.Namespace) -> int:
             "aliases": ", ".join(model.aliases),
         })
     print(render(rows, args.format))
+    return 0
+
+
+def cmd_pricing_check(args: argparse.Namespace) -> int:
+    from proxy.pricing_check import check
+
+    settings = load_settings(args.config)
+    problems = check(settings.pricing.dir)
+    for problem in problems:
+        print(f"error: {problem}")
+    book = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    models = sum(1 for _ in book.models())
+    print(f"{len(book.tables)} tables, {models} models, version {book.digest}: "
+          f"{len(problems)} problem(s)")
+    if args.unpriced:
+        conn = _log_connection(settings)
+        try:
+            rows = conn.execute(
+                "SELECT provider, model, count(*), min(ts), max(ts) FROM usage WHERE priced = 0 "
+                "GROUP BY 1, 2 ORDER BY 3 DESC").fetchall()
+        finally:
+            conn.close()
+        print("\nunpriced models in the usage log:" if rows else "\nno unpriced calls logged")
+        if rows:
+            print(render([{"provider": p, "model": m, "calls": n, "first": a, "last": b}
+                          for p, m, n, a, b in rows], "table"))
+    return 1 if problems else 0
+
+
+def cmd_pricing_diff(args: argparse.Namespace) -> int:
+    from proxy.pricing import bundled_tables_dir
+    from proxy.pricing_check import diff_against_genai_prices, parse_exceptions
+
+    settings = load_settings(args.config)
+    try:
+        book = PriceBook.load(settings.pricing.dir)
+        found = diff_against_genai_prices(book)
+    except ImportError:
+        print("meterproxy: pricing diff needs the genai-prices package "
+              "(pip install genai-prices)", file=sys.stderr)
+        return 2
+    exceptions_file = bundled_tables_dir() / "EXCEPTIONS.md"
+    kept = parse_exceptions(exceptions_file.read_text()) if exceptions_file.exists() else {}
+    unlisted = [d for d in found if d.key not in kept]
+    for d in found:
+        if d.key not in kept:
+            print(f"DIFF  {d}")
+        elif args.all:
+            print(f"kept  {d}  ({kept[d.key]})")
+    print(f"{len(found)} disagreement(s) with genai-prices, {len(found) - len(unlisted)} "
+          f"listed in EXCEPTIONS.md, {len(unlisted)} not")
+    return 1 if unlisted else 0
+
+
+def cmd_reprice(args: argparse.Namespace) -> int:
+    from proxy.reprice import reprice
+
+    settings = load_settings(args.config)
+    path = sqlite_path(settings.storage.usage_log)
+    if not path.exists():
+        raise ValueError(f"no usage log at {path}")
+    book = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    conn = connect(path)
+    try:
+        result = reprice(conn, settings, book, parse_time(args.since),
+                         parse_time(args.until) if args.until else None, dry_run=args.dry_run)
+    finally:
+        conn.close()
+    for change in result.changes[:20]:
+        print(f"{change['id']}  {change['model']}: {change['before_usd']} -> "
+              f"{change['after_usd']}  ({change['pricing_version']})")
+    if len(result.changes) > 20:
+        print(f"... and {len(result.changes) - 20} more")
+    verb = "would change" if args.dry_run else "changed"
+    print(f"{result.rows_seen} priced rows checked, {result.rows_changed} {verb} "
+          f"({result.newly_priced} newly priced); total ${result.before_usd:f} -> "
+          f"${result.after_usd:f} (delta ${result.delta_usd:+f})")
     return 0
 
 

@@ -117,8 +117,9 @@ class Stack:
         """Every usage row so far, once `expected` rows are there (all of them are flushed)."""
         deadline = time.monotonic() + timeout
         while True:
-            self.call(self._settle())
-            self.runtime.writer.flush()
+            if self._thread.is_alive():  # after close() everything is already on disk
+                self.call(self._settle())
+                self.runtime.writer.flush()
             rows = self._read()
             if expected is None or len(rows) >= expected or time.monotonic() > deadline:
                 return rows

@@ -264,6 +264,8 @@ def _usage(endpoint: str, u: dict, service_tier: Any) -> Usage:
         in_details = sub(u, "prompt_tokens_details")
         out_details = sub(u, "completion_tokens_details")
     cached = count(in_details.get("cached_tokens"))
+    if "cached_tokens" not in in_details:  # DeepSeek names its cache hits apart
+        cached = count(u.get("prompt_cache_hit_tokens"))
     written = count(in_details.get("cache_write_tokens"))
     return Usage(
         input_tokens=max(total_in - cached - written, 0),

@@ -69,3 +69,14 @@ def parse_event(raw: bytes) -> Event:
         elif key == b"event":
             name = value.decode("utf-8", "replace")
     return Event(name, b"\n".join(data))
+
+
+_FIELDS = frozenset({b"data", b"event", b"id", b"retry"})
+
+
+def is_junk(raw: bytes) -> bool:
+    """Whether an event holds a line that is no SSE field at all (say, an HTML error page)."""
+    for line in _LINE.split(raw):
+        if line and line[0] != 0x3A and line.partition(b":")[0] not in _FIELDS:
+            return True
+    return False

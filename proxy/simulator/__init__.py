@@ -51,6 +51,11 @@ class Simulator:
 
     def __init__(self) -> None:
         self.received: list[Received] = []
+        # Calls whose client (the proxy) had gone by the time the answer was ready, or went
+        # away mid-stream (a proxy that stopped reading).
+        self.abandoned = 0
+        # Stream events written so far, over all calls (back-pressure shows here).
+        self.events_sent = 0
         self._scenarios: collections.deque[Scenario] = collections.deque()
 
     def then(self, scenario: Scenario) -> None:
@@ -70,6 +75,7 @@ class Simulator:
         from proxy.simulator import openai
 
         app = web.Application(client_max_size=256 * 1024 * 1024)
+        app[SIMULATOR] = self
         openai.add_routes(app, self)
         for name in ("anthropic", "gemini"):
             try:
@@ -87,12 +93,17 @@ class Simulator:
         scenario = self.next_scenario()
         if scenario.hang_s:
             await asyncio.sleep(scenario.hang_s)
+            if request.transport is None or request.transport.is_closing():
+                self.abandoned += 1
         if scenario.reset_before_headers:
             transport = request.transport
             if transport is not None:
                 transport.abort()
             raise asyncio.CancelledError
         return received, scenario
+
+
+SIMULATOR = web.AppKey("simulator", Simulator)
 
 
 async def send_events(request: web.Request, scenario: Scenario, events: list[bytes],
@@ -104,16 +115,21 @@ async def send_events(request: web.Request, scenario: Scenario, events: list[byt
     await out.prepare(request)
     if scenario.raw_stream is not None:
         events = [scenario.raw_stream]
-    for i, event in enumerate(events):
-        if scenario.cut_after is not None and i >= scenario.cut_after:
-            transport = request.transport
-            if transport is not None:
-                transport.abort()
-            return out
-        await out.write(event)
-        if scenario.chunk_delay_s:
-            await asyncio.sleep(scenario.chunk_delay_s)
-    await out.write_eof()
+    try:
+        for i, event in enumerate(events):
+            if scenario.cut_after is not None and i >= scenario.cut_after:
+                transport = request.transport
+                if transport is not None:
+                    transport.abort()
+                return out
+            await out.write(event)
+            request.app[SIMULATOR].events_sent += 1
+            if scenario.chunk_delay_s:
+                await asyncio.sleep(scenario.chunk_delay_s)
+        await out.write_eof()
+    except ConnectionError:
+        request.app[SIMULATOR].abandoned += 1
+        raise
     return out
 
 

@@ -13,7 +13,6 @@ from aiohttp import web
 from proxy import tokens
 from proxy.simulator import Received, Scenario, Simulator, reply_text, send_events, split_text
 
-
 # A fixed creation time keeps answers byte-identical, direct or through the proxy.
 CREATED = 1727346169
 

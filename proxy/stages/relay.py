@@ -85,6 +85,8 @@ async def _relay_stream(x: Exchange, upstream: aiohttp.ClientResponse) -> web.St
         await _write(x, out, tail)
     if x.metered.error and x.outcome == "ok":
         x.error = x.metered.error
+        if x.metered.usage is None:  # an error (event or junk) ended it before its usage
+            x.outcome = "upstream_error"
     await out.write_eof()
     return out
 

@@ -1,0 +1,226 @@
+"""The Anthropic Messages API.
+
+Metered: POST /v1/messages, streamed or not. /v1/messages/count_tokens and everything
+else pass through unmetered. Anthropic's `input_tokens` already excludes cache reads and
+writes, so its usage maps onto ours without subtraction; in streams `message_start`
+carries the input and cache counts and each `message_delta` the cumulative totals, so the
+last value seen wins and nothing is ever added up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, MultiDict
+
+from proxy.dialects.base import Call, Metered, TextTally, bearer, positive_int
+from proxy.dialects.sse import SSESplitter, is_junk, parse_event
+from proxy.errors import Kind, MeterError
+from proxy.usage import Usage, count, sub
+
+_ERRORS = {
+    Kind.INVALID_REQUEST: "invalid_request_error",
+    Kind.AUTHENTICATION: "authentication_error",
+    Kind.PERMISSION: "permission_error",
+    Kind.NOT_FOUND: "not_found_error",
+    Kind.TOO_LARGE: "request_too_large",
+    Kind.BUDGET_EXCEEDED: "budget_exceeded",
+    Kind.UPSTREAM_UNREACHABLE: "api_error",
+    Kind.UPSTREAM_TIMEOUT: "timeout_error",  # the SDK's type for a gateway timeout
+    Kind.UNAVAILABLE: "api_error",
+    Kind.INTERNAL: "api_error",
+}
+# Content the model wrote, by delta type; every one of them is billed as output.
+_DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking",
+               "input_json_delta": "partial_json"}
+_TEXT_KEYS = ("text", "thinking", "content", "source")
+
+
+class AnthropicDialect:
+    name = "anthropic"
+    request_id_header = "request-id"
+
+    def describe(self, method: str, path: str, payload: Any) -> Call:
+        parts = [p for p in path.split("/") if p]
+        if parts and parts[0].startswith("v") and parts[0][1:].isdigit():
+            parts = parts[1:]
+        body = payload if isinstance(payload, dict) else {}
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        if method == "POST" and parts == ["messages"]:
+            return Call(endpoint="messages", model=model, stream=body.get("stream") is True,
+                        metered=True, max_output_tokens=positive_int(body.get("max_tokens")))
+        if parts == ["messages", "count_tokens"]:
+            return Call(endpoint="count_tokens", model=model)
+        return Call(endpoint=".".join(parts[:2]) or "root", model=model)
+
+    def client_key(self, request: web.Request) -> str | None:
+        headers = request.headers
+        return headers.get("x-api-key") or bearer(headers.get("Authorization")) or None
+
+    def set_upstream_key(
+        self, headers: CIMultiDict[str], query: MultiDict[str], key: str, header: str | None
+    ) -> None:
+        headers.popall("x-api-key", None)
+        headers.popall("Authorization", None)
+        if header and header.lower() == "authorization":
+            headers["Authorization"] = f"Bearer {key}"
+        else:
+            headers[header or "x-api-key"] = key
+
+    def edit_body(self, call: Call, payload: Any, body: bytes) -> bytes:
+        return body  # streams always carry usage: nothing to ask for
+
+    def read_usage(self, call: Call, body: bytes) -> Metered:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return Metered(error="response body is not JSON")
+        if not isinstance(obj, dict):
+            return Metered()
+        metered = Metered(response_model=_str(obj.get("model")))
+        if isinstance(obj.get("usage"), dict):
+            metered.usage = usage(obj["usage"])
+        return metered
+
+    def stream_meter(self, call: Call) -> _StreamMeter:
+        return _StreamMeter()
+
+    def prompt_texts(self, call: Call, payload: Any) -> tuple[list[str], int]:
+        # Anthropic publishes no per-message framing cost: count the text alone.
+        body = payload if isinstance(payload, dict) else {}
+        texts: list[str] = []
+        _collect_text(body.get("system"), texts)
+        messages = body.get("messages")
+        for message in messages if isinstance(messages, list) else ():
+            if isinstance(message, dict):
+                _collect_text(message.get("content"), texts)
+        if body.get("tools"):
+            texts.append(orjson.dumps(body["tools"]).decode())
+        return texts, 0
+
+    def error_body(self, error: MeterError) -> bytes:
+        return orjson.dumps({"type": "error",
+                             "error": {"type": _ERRORS[error.kind], "message": error.message}})
+
+
+class _StreamMeter:
+    """Reads message_start, content deltas and message_delta; passes every byte through."""
+
+    __slots__ = ("_searches", "_split", "_tally", "_totals", "metered")
+
+    def __init__(self) -> None:
+        self._searches = 0  # web searches begun in the stream
+        self._split = SSESplitter()
+        self._tally = TextTally()
+        self._totals: dict[str, Any] = {}  # the usage object as the stream has it so far
+        self.metered = Metered(text=self._tally.pieces)
+
+    def feed(self, chunk: bytes) -> bytes:
+        for raw in self._split.feed(chunk):
+            self._read(raw)
+        return chunk
+
+    def finish(self) -> tuple[bytes, Metered]:
+        tail = self._split.tail()
+        if tail.strip():
+            self._read(tail)
+        return b"", self.metered
+
+    def _read(self, raw: bytes) -> None:
+        data = parse_event(raw).data
+        if not data:
+            if is_junk(raw):
+                self.metered.error = "malformed event in the stream"
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.metered.error = "malformed event in the stream"
+            return
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        if kind == "content_block_delta":
+            delta = sub(obj, "delta")
+            key = _DELTA_TEXT.get(delta.get("type"))
+            if key is not None:
+                self._tally.add(delta.get(key))
+        elif kind == "content_block_start":
+            block = sub(obj, "content_block")
+            self._tally.add(block.get("text"))
+            self._tally.add(block.get("thinking"))
+            if block.get("type") == "server_tool_use" and block.get("name") == "web_search":
+                # Billed once run, even if the stream breaks before message_delta counts it.
+                self._searches += 1
+                if self.metered.prompt_usage is not None:
+                    self.metered.prompt_usage.web_search_requests = self._searches
+        elif kind == "message_start":
+            message = sub(obj, "message")
+            self.metered.response_model = _str(message.get("model"))
+            self._merge(sub(message, "usage"))
+            self.metered.prompt_usage = usage(self._totals, output=False)
+            self.metered.prompt_usage.web_search_requests = self._searches
+        elif kind == "message_delta":
+            self._merge(sub(obj, "usage"))
+            self.metered.usage = usage(self._totals)
+        elif kind == "error":
+            self.metered.error = _str(sub(obj, "error").get("message")) or "error event"
+
+    def _merge(self, counts: dict[str, Any]) -> None:
+        # Cumulative totals: a later value replaces an earlier one; null means "not sent".
+        for key, value in counts.items():
+            if value is not None:
+                self._totals[key] = value
+
+
+def usage(u: dict[str, Any], output: bool = True) -> Usage:
+    """Normalise an Anthropic usage object (input excludes cache reads and writes).
+
+    `cache_creation` splits the writes by lifetime; without it every write is 5-minute.
+    With `output=False` only the input side is read (a stream that has not ended).
+    """
+    split = sub(u, "cache_creation")
+    write_1h = count(split.get("ephemeral_1h_input_tokens"))
+    if u.get("cache_creation_input_tokens") is not None:
+        written = count(u.get("cache_creation_input_tokens"))
+    else:
+        written = write_1h + count(split.get("ephemeral_5m_input_tokens"))
+    result = Usage(
+        input_tokens=count(u.get("input_tokens")),
+        cached_input_tokens=count(u.get("cache_read_input_tokens")),
+        cache_write_tokens=written,
+        cache_write_1h_tokens=min(write_1h, written),
+        service_tier=_str(u.get("service_tier")),
+    )
+    if output:
+        result.output_tokens = count(u.get("output_tokens"))
+        result.reasoning_tokens = min(
+            count(sub(u, "output_tokens_details").get("thinking_tokens")), result.output_tokens)
+        result.web_search_requests = count(sub(u, "server_tool_use").get("web_search_requests"))
+    return result
+
+
+def _collect_text(value: Any, into: list[str]) -> None:
+    """Text of a system prompt or message content: strings, text blocks, tool data."""
+    if isinstance(value, str):
+        into.append(value)
+    elif isinstance(value, list):
+        for item in value:
+            _collect_text(item, into)
+    elif isinstance(value, dict):
+        kind = value.get("type")
+        if kind in ("image", "redacted_thinking") or (
+                kind == "document" and sub(value, "source").get("type") not in ("text", "content")):
+            return  # binary or encrypted: no text to count here
+        for key in _TEXT_KEYS:
+            _collect_text(value.get(key), into)
+        if kind == "text":  # a plain-text document source holds its text in "data"
+            _collect_text(value.get("data"), into)
+        if kind in ("tool_use", "server_tool_use") and value.get("input") is not None:
+            into.append(orjson.dumps(value["input"]).decode())
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,330 @@
+"""The Gemini API (generativelanguage.googleapis.com), under /v1beta/ and /v1/.
+
+Metered: `models/{model}:generateContent` and `:streamGenerateContent`; `:countTokens` and
+everything else pass through unmetered. Gemini's `promptTokenCount` includes the cached
+tokens and its thinking tokens sit outside `candidatesTokenCount`, so both are moved into
+our classes here. Streams come as SSE with `alt=sse` and as one JSON array without it;
+every chunk's usageMetadata holds running totals, and the chunk that finishes the answer
+holds the final ones.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, MultiDict
+
+from proxy.dialects.base import Call, Metered, TextTally, positive_int
+from proxy.dialects.sse import SSESplitter, is_junk, parse_event
+from proxy.errors import Kind, MeterError
+from proxy.usage import Usage, count, sub
+
+# /v1beta/models/gemini-2.5-flash:generateContent (tuned models live under tunedModels/).
+_METHOD = re.compile(r"/v\d+(?:alpha|beta)?\d*/(?:models|tunedModels)/([^/:]+):(\w+)")
+_METERED = frozenset({"generateContent", "streamGenerateContent"})
+# Grounding with Google Search: Gemini 3 and later bill each search query, earlier models
+# each grounded request however many queries it ran.
+_PER_QUERY = re.compile(r"gemini-(?:[3-9]|\d\d)")
+_ERRORS = {
+    Kind.INVALID_REQUEST: "INVALID_ARGUMENT",
+    Kind.AUTHENTICATION: "UNAUTHENTICATED",
+    Kind.PERMISSION: "PERMISSION_DENIED",
+    Kind.NOT_FOUND: "NOT_FOUND",
+    Kind.TOO_LARGE: "INVALID_ARGUMENT",
+    Kind.BUDGET_EXCEEDED: "RESOURCE_EXHAUSTED",
+    Kind.UPSTREAM_UNREACHABLE: "UNAVAILABLE",
+    Kind.UPSTREAM_TIMEOUT: "DEADLINE_EXCEEDED",
+    Kind.UNAVAILABLE: "UNAVAILABLE",
+    Kind.INTERNAL: "INTERNAL",
+}
+
+
+class GeminiDialect:
+    name = "gemini"
+    # Unverified: Google documents no request-id response header for this API.
+    request_id_header = "x-request-id"
+
+    def describe(self, method: str, path: str, payload: Any) -> Call:
+        found = _METHOD.fullmatch(path.rstrip("/"))
+        body = payload if isinstance(payload, dict) else {}
+        if found is None:
+            parts = [p for p in path.split("/") if p]
+            if parts and re.fullmatch(r"v\d+\w*", parts[0]):
+                parts = parts[1:]
+            return Call(endpoint=parts[0] if parts else "root")
+        model, action = found.group(1), found.group(2)
+        if method != "POST" or action not in _METERED:
+            return Call(endpoint=action, model=model)
+        config = body.get("generationConfig", body.get("generation_config"))
+        config = config if isinstance(config, dict) else {}
+        limit = config.get("maxOutputTokens", config.get("max_output_tokens"))
+        return Call(endpoint=action, model=model, stream=action == "streamGenerateContent",
+                    metered=True, max_output_tokens=positive_int(limit))
+
+    def client_key(self, request: web.Request) -> str | None:
+        return request.headers.get("x-goog-api-key") or request.query.get("key") or None
+
+    def set_upstream_key(
+        self, headers: CIMultiDict[str], query: MultiDict[str], key: str, header: str | None
+    ) -> None:
+        headers.popall("x-goog-api-key", None)
+        query.popall("key", None)
+        headers[header or "x-goog-api-key"] = key
+
+    def edit_body(self, call: Call, payload: Any, body: bytes) -> bytes:
+        return body  # every response carries usageMetadata: nothing to ask for
+
+    def read_usage(self, call: Call, body: bytes) -> Metered:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return Metered(error="response body is not JSON")
+        # streamGenerateContent without alt=sse, read whole: a JSON array of chunks.
+        chunks = obj if isinstance(obj, list) else [obj]
+        reader = _ChunkReader(call.model)
+        for chunk in chunks:
+            reader.read(chunk)
+        if reader.metered.usage is None and reader.last is not None:
+            reader.finished = True  # a whole body: its last counts are final
+            reader.settle(reader.last)
+        return reader.metered
+
+    def stream_meter(self, call: Call) -> _StreamMeter:
+        return _StreamMeter(call.model)
+
+    def prompt_texts(self, call: Call, payload: Any) -> tuple[list[str], int]:
+        body = payload if isinstance(payload, dict) else {}
+        texts: list[str] = []
+        _collect_parts(body.get("systemInstruction", body.get("system_instruction")), texts)
+        contents = body.get("contents")
+        for content in contents if isinstance(contents, list) else [contents]:
+            _collect_parts(content, texts)
+        if body.get("tools"):
+            texts.append(orjson.dumps(body["tools"]).decode())
+        return texts, 0
+
+    def error_body(self, error: MeterError) -> bytes:
+        message = error.message
+        if error.kind is Kind.BUDGET_EXCEEDED and "budget_exceeded" not in message:
+            message = f"budget_exceeded: {message}"
+        return orjson.dumps({"error": {"code": error.status, "message": message,
+                                       "status": _ERRORS[error.kind]}})
+
+
+class _ChunkReader:
+    """What a sequence of GenerateContentResponse chunks says, one chunk at a time."""
+
+    __slots__ = ("_model", "_queries", "_tally", "finished", "last", "metered")
+
+    def __init__(self, model: str | None) -> None:
+        self._model = model
+        self._tally = TextTally()
+        self._queries = 0  # web search queries the grounding metadata names
+        self.finished = False  # a chunk said the answer is complete
+        self.last: dict[str, Any] | None = None  # the latest usageMetadata seen
+        self.metered = Metered(text=self._tally.pieces)
+
+    def read(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        if isinstance(obj.get("error"), dict):
+            self.metered.error = _str(obj["error"].get("message")) or "error in the stream"
+            return
+        self.metered.response_model = _str(obj.get("modelVersion")) or self.metered.response_model
+        candidates = obj.get("candidates")
+        for candidate in candidates if isinstance(candidates, list) else ():
+            if not isinstance(candidate, dict):
+                continue
+            if candidate.get("finishReason"):
+                self.finished = True
+            queries = sub(candidate, "groundingMetadata").get("webSearchQueries")
+            if isinstance(queries, list):  # repeated per chunk, never to be added up
+                self._queries = max(self._queries, len(queries))
+            parts = sub(candidate, "content").get("parts")
+            for part in parts if isinstance(parts, list) else ():
+                if isinstance(part, dict):
+                    self._tally.add(part.get("text"))  # thought summaries are output too
+                    if isinstance(part.get("functionCall"), dict):
+                        self._tally.add(orjson.dumps(part["functionCall"]).decode())
+        if sub(obj, "promptFeedback").get("blockReason"):
+            self.finished = True  # a refused prompt: this chunk is the whole answer
+        meta = obj.get("usageMetadata")
+        if isinstance(meta, dict):
+            self.last = meta
+            self.settle(meta)
+
+    def settle(self, meta: dict[str, Any]) -> None:
+        """Running totals: input counts for now, the whole usage once the answer is done."""
+        model = self._model or self.metered.response_model or ""
+        searches = self._queries if _PER_QUERY.search(model) else min(self._queries, 1)
+        self.metered.prompt_usage = usage(meta, output=False)
+        self.metered.prompt_usage.web_search_requests = searches
+        if self.finished:
+            self.metered.usage = usage(meta)
+            self.metered.usage.web_search_requests = searches
+
+
+class _StreamMeter:
+    """Meters an SSE stream (alt=sse) or a streamed JSON array; passes every byte through."""
+
+    __slots__ = ("_array", "_reader", "_split")
+
+    def __init__(self, model: str | None) -> None:
+        self._reader = _ChunkReader(model)
+        self._split: SSESplitter | None = None
+        self._array: ArraySplitter | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._split is None and self._array is None:
+            head = chunk.lstrip()
+            if not head:
+                return chunk
+            if head[:1] == b"[":
+                self._array = ArraySplitter()
+            else:
+                self._split = SSESplitter()
+        if self._array is not None:
+            for element in self._array.feed(chunk):
+                self._read(element)
+        else:
+            assert self._split is not None
+            for raw in self._split.feed(chunk):
+                self._read_event(raw)
+        return chunk
+
+    def finish(self) -> tuple[bytes, Metered]:
+        if self._split is not None:
+            tail = self._split.tail()
+            if tail.strip():
+                self._read_event(tail)
+        return b"", self._reader.metered
+
+    def _read_event(self, raw: bytes) -> None:
+        data = parse_event(raw).data
+        if not data and is_junk(raw):
+            self._reader.metered.error = "malformed event in the stream"
+        self._read(data)
+
+    def _read(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._reader.metered.error = "malformed event in the stream"
+            return
+        self._reader.read(obj)
+
+
+class ArraySplitter:
+    """Cuts a JSON array arriving in pieces into its top-level elements, as raw bytes.
+
+    Only the element being read is kept; strings are tracked so that brackets inside
+    them (and escaped quotes) do not count.
+    """
+
+    __slots__ = ("_depth", "_escape", "_in_string", "_pending", "_start")
+    _OUTSIDE = re.compile(rb'[\[\]{}"]')
+    _INSIDE = re.compile(rb'["\\]')
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._depth = 0
+        self._in_string = False
+        self._escape = False  # the previous piece ended inside a string on a backslash
+        self._start: int | None = None  # where the element being read starts in _pending
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._pending + chunk
+        pos = len(self._pending)
+        if self._escape and pos < len(buf):
+            pos += 1
+            self._escape = False
+        elements: list[bytes] = []
+        while True:
+            m = (self._INSIDE if self._in_string else self._OUTSIDE).search(buf, pos)
+            if m is None:
+                break
+            pos = m.end()
+            char = buf[m.start()]
+            if self._in_string:
+                if char == 0x5C:  # backslash: skip the escaped byte
+                    if pos < len(buf):
+                        pos += 1
+                    else:
+                        self._escape = True
+                else:
+                    self._in_string = False
+            elif char == 0x22:
+                self._in_string = True
+            elif char in (0x5B, 0x7B):  # [ {
+                self._depth += 1
+                if self._depth == 2:
+                    self._start = m.start()
+            else:
+                self._depth -= 1
+                if self._depth == 1 and self._start is not None:
+                    elements.append(buf[self._start:pos])
+                    self._start = None
+        if self._start is None:
+            self._pending = b""
+        else:
+            self._pending = buf[self._start:]
+            self._start = 0
+        return elements
+
+
+def usage(meta: dict[str, Any], output: bool = True) -> Usage:
+    """Normalise usageMetadata: the prompt count includes the cached tokens, tool-use
+    prompt tokens are input, and thinking tokens are output beside the candidates'.
+
+    With `output=False` only the input side is read (a stream that has not finished).
+    """
+    prompt = count(meta.get("promptTokenCount"))
+    cached = min(count(meta.get("cachedContentTokenCount")), prompt)
+    audio_in = max(_modality(meta.get("promptTokensDetails"), "AUDIO")
+                   - _modality(meta.get("cacheTokensDetails"), "AUDIO"), 0)
+    result = Usage(
+        input_tokens=prompt - cached + count(meta.get("toolUsePromptTokenCount")),
+        cached_input_tokens=cached,
+        audio_input_tokens=audio_in,
+    )
+    if output:
+        thoughts = count(meta.get("thoughtsTokenCount"))
+        result.output_tokens = count(meta.get("candidatesTokenCount")) + thoughts
+        result.reasoning_tokens = thoughts
+        result.audio_output_tokens = _modality(meta.get("candidatesTokensDetails"), "AUDIO")
+    return result
+
+
+def _modality(details: Any, modality: str) -> int:
+    """The tokens of one modality in a list of {modality, tokenCount}."""
+    if not isinstance(details, list):
+        return 0
+    return sum(count(d.get("tokenCount")) for d in details
+               if isinstance(d, dict) and d.get("modality") == modality)
+
+
+def _collect_parts(content: Any, into: list[str]) -> None:
+    """Text of a Content (or a bare string): text parts, function calls and results."""
+    if isinstance(content, str):
+        into.append(content)
+        return
+    if not isinstance(content, dict):
+        return
+    parts = content.get("parts")
+    for part in parts if isinstance(parts, list) else ():
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("text"), str):
+            into.append(part["text"])
+        for key in ("functionCall", "functionResponse", "function_call", "function_response"):
+            if part.get(key) is not None:
+                into.append(orjson.dumps(part[key]).decode())
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

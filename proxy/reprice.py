@@ -1,0 +1,104 @@
+"""Reprice logged calls after a pricing-table fix, and say what changed in total.
+
+Each row's usage is rebuilt from its token columns and, where the cost breakdown recorded
+them, its exact class split (audio, web searches) and service tier; it is then priced by
+the table in force at the row's own timestamp. Rows without tokens keep their zero cost.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from proxy.config import Settings
+from proxy.pricing import PriceBook, cost, rounded
+from proxy.timeparse import to_ts
+from proxy.usage import Usage
+
+UNITS = Decimal("1e-10")
+
+
+@dataclass
+class RepriceResult:
+    rows_seen: int = 0
+    rows_changed: int = 0
+    newly_priced: int = 0
+    before_usd: Decimal = Decimal(0)
+    after_usd: Decimal = Decimal(0)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def delta_usd(self) -> Decimal:
+        return self.after_usd - self.before_usd
+
+
+def usage_of(row: dict[str, Any]) -> Usage:
+    """A row's usage: its columns, refined by the class split its breakdown recorded."""
+    usage = Usage(
+        input_tokens=row["input_tokens"], cached_input_tokens=row["cached_input_tokens"],
+        cache_write_tokens=row["cache_write_tokens"],
+        cache_write_1h_tokens=row["cache_write_1h_tokens"],
+        output_tokens=row["output_tokens"], reasoning_tokens=row["reasoning_tokens"])
+    breakdown = orjson.loads(row["cost_breakdown"]) if row["cost_breakdown"] else {}
+    classes = breakdown.get("classes", {})
+    usage.audio_input_tokens = classes.get("audio_input", {}).get("tokens", 0)
+    usage.audio_output_tokens = classes.get("audio_output", {}).get("tokens", 0)
+    usage.web_search_requests = classes.get("web_search", {}).get("requests", 0)
+    tier = breakdown.get("service_tier")
+    if isinstance(tier, str):
+        usage.service_tier = tier.split(" ", 1)[0]
+    return usage
+
+
+def reprice(conn: sqlite3.Connection, settings: Settings, prices: PriceBook,
+            since: datetime, until: datetime | None = None, *, dry_run: bool = False
+            ) -> RepriceResult:
+    """Recompute cost_usd, cost_breakdown, pricing_version and priced for rows in range."""
+    conn.row_factory = sqlite3.Row
+    sql = "SELECT * FROM usage WHERE ts >= ?"
+    params: list[Any] = [to_ts(since)]
+    if until is not None:
+        sql += " AND ts < ?"
+        params.append(to_ts(until))
+    result = RepriceResult()
+    updates = []
+    for raw in conn.execute(sql + " ORDER BY ts", params).fetchall():
+        row = dict(raw)
+        usage = usage_of(row)
+        if usage.prompt_tokens + usage.output_tokens + usage.web_search_requests == 0:
+            continue
+        result.rows_seen += 1
+        provider = settings.providers.get(row["provider"] or "")
+        table = (provider.pricing if provider and provider.pricing else row["provider"]) or ""
+        when = datetime.fromisoformat(row["ts"].replace("Z", "+00:00")).astimezone(UTC)
+        price = prices.lookup(table, (row["response_model"], row["model"]), when)
+        old = Decimal(str(row["cost_usd"])) if row["cost_usd"] is not None else None
+        if price is None:
+            new, breakdown, version = None, None, None
+        else:
+            found = cost(usage, price, when)
+            new = rounded(found.total)
+            breakdown = orjson.dumps({"model": price.model.name,
+                                      "period": price.period.effective_from.date().isoformat(),
+                                      **found.breakdown}).decode()
+            version = price.version
+        result.before_usd += old or 0
+        result.after_usd += new or 0
+        if new == old and version == row["pricing_version"]:
+            continue
+        result.rows_changed += 1
+        result.newly_priced += int(old is None and new is not None)
+        result.changes.append({"id": row["id"], "model": row["model"], "before_usd": old,
+                               "after_usd": new, "pricing_version": version})
+        updates.append((float(new) if new is not None else None, breakdown, version,
+                        int(new is not None), row["id"]))
+    if updates and not dry_run:
+        with conn:
+            conn.executemany("UPDATE usage SET cost_usd = ?, cost_breakdown = ?, "
+                             "pricing_version = ?, priced = ? WHERE id = ?", updates)
+    return result

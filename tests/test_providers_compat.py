@@ -1,0 +1,171 @@
+"""OpenAI-compatible providers by configuration alone, and one log for every provider."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import anthropic
+import openai
+import orjson
+import pytest
+from google import genai
+from google.genai import types
+
+from proxy.pricing import bundled_tables_dir
+from proxy.runtime import reload_from_source
+from proxy.simulator import Scenario
+from proxy.storage.row import COLUMNS
+from tests.conftest import KEY_ENV, PROVIDER_KEY, VIRTUAL_KEY, Stack, http
+from tests.expected import MILLION, expected_cost, row_cost
+
+MESSAGES = [{"role": "user", "content": "Say hello to the metering proxy"}]
+# A user's own table for models that run on their own hardware: zero price, still priced.
+LOCAL_TABLE = """\
+provider: local
+models:
+  llama3.1:8b:
+    prices:
+      - {effective_from: 2024-07-23, input: 0, output: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The bundled tables plus local.yaml, and providers added by a config reload."""
+    tmp = tmp_path_factory.mktemp("compat")
+    tables = tmp / "pricing"
+    shutil.copytree(bundled_tables_dir(), tables,
+                    ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (tables / "local.yaml").write_text(LOCAL_TABLE)
+    s = Stack(tmp, {"pricing": {"dir": str(tables)}})
+    sim = {"base_url": s.sim_url, "api_key_env": KEY_ENV}
+    providers = {
+        "ollama": {"base_url": s.sim_url, "dialect": "openai", "api_key_env": None,
+                   "pricing": "local"},
+        "openrouter": {**sim, "pricing": "openai"},
+        **{name: sim for name in ("deepseek", "mistral", "groq", "together", "xai")},
+    }
+    s.write_config({**s.config, "providers": {**s.config["providers"], **providers}})
+    assert s.call(reload_from_source(s.runtime)) is None
+    yield s
+    s.close()
+
+
+def client_for(stack: Stack, provider: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base(provider), api_key=VIRTUAL_KEY, max_retries=0)
+
+
+def test_azure_api_key_header_and_model_from_deployment(stack: Stack) -> None:
+    """Azure: api-key in and out, the deployment in the path names the model."""
+    before = len(stack.rows())
+    path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    reply = http("POST", f"{stack.url}/azure{path}", orjson.dumps({"messages": MESSAGES}),
+                 headers={"api-key": VIRTUAL_KEY, "Content-Type": "application/json"})
+    assert reply.status_code == 200
+    received = stack.sim.received[-1]
+    assert (received.path, received.query) == ("/openai/deployments/gpt-4o-mini/chat/completions",
+                                               {"api-version": "2024-10-21"})
+    headers = {k.lower(): v for k, v in received.headers.items()}
+    assert headers["api-key"] == PROVIDER_KEY and "authorization" not in headers
+    usage = reply.json()["usage"]
+    row = stack.rows(before + 1)[-1]
+    assert (row["provider"], row["model"], row["endpoint"]) == ("azure", "gpt-4o-mini",
+                                                                "chat.completions")
+    assert row["pricing_version"].startswith("openai.yaml@")
+    assert row_cost(row) == expected_cost(stack, "openai", "gpt-4o-mini",
+                                          input=usage["prompt_tokens"],
+                                          output=usage["completion_tokens"])
+
+
+def test_local_provider_sends_no_key_and_costs_zero(stack: Stack) -> None:
+    """A local model server: no provider key upstream, priced at 0 (not unpriced)."""
+    before = len(stack.rows())
+    out = client_for(stack, "ollama").chat.completions.create(model="llama3.1:8b",
+                                                              messages=MESSAGES)
+    assert out.usage.prompt_tokens > 0
+    headers = {k.lower() for k in stack.sim.received[-1].headers}
+    assert not headers & {"authorization", "api-key", "x-api-key"}
+    row = stack.rows(before + 1)[-1]
+    assert (row["provider"], row["priced"], row["cost_usd"]) == ("ollama", 1, 0.0)
+    assert row["pricing_version"].startswith("local.yaml@")
+    assert row["input_tokens"] == out.usage.prompt_tokens
+
+
+def test_deepseek_own_table_and_cache_hit_fields(stack: Stack) -> None:
+    """DeepSeek prices from deepseek.yaml and names its cache hits prompt_cache_hit_tokens."""
+    now = datetime.now(UTC)
+    model = next(m.name for m in stack.runtime.prices.models("deepseek") if m.at(now))
+    stack.sim.then(Scenario(usage={"prompt_tokens": 1200, "completion_tokens": 80,
+                                   "total_tokens": 1280, "prompt_cache_hit_tokens": 1000,
+                                   "prompt_cache_miss_tokens": 200}))
+    before = len(stack.rows())
+    client_for(stack, "deepseek").chat.completions.create(model=model, messages=MESSAGES)
+    row = stack.rows(before + 1)[-1]
+    assert (row["input_tokens"], row["cached_input_tokens"], row["output_tokens"]) == (200, 1000,
+                                                                                       80)
+    assert row["pricing_version"].startswith("deepseek.yaml@")
+    price = stack.runtime.prices.lookup("deepseek", [model], now)
+    rates = price.rates
+    when = datetime.fromisoformat(row["ts"].replace("Z", "+00:00"))
+    for window in price.period.windows:  # DeepSeek's peak and off-peak hours
+        if window.contains(when):
+            rates = window.adjustment.apply(rates)
+    cost = (200 * rates.input + 1000 * rates.cached_input + 80 * rates.output) / MILLION
+    assert row_cost(row) == cost.quantize(Decimal("1e-10"))
+
+
+def test_openrouter_vendor_prefixed_model_priced_from_named_table(stack: Stack) -> None:
+    """`pricing: openai` on another provider: openai/gpt-4o-mini costs what gpt-4o-mini does."""
+    before = len(stack.rows())
+    out = client_for(stack, "openrouter").chat.completions.create(model="openai/gpt-4o-mini",
+                                                                  messages=MESSAGES)
+    row = stack.rows(before + 1)[-1]
+    assert (row["provider"], row["model"]) == ("openrouter", "openai/gpt-4o-mini")
+    assert row["pricing_version"].startswith("openai.yaml@")
+    assert row_cost(row) == expected_cost(stack, "openai", "gpt-4o-mini",
+                                          input=out.usage.prompt_tokens,
+                                          output=out.usage.completion_tokens)
+
+
+@pytest.mark.parametrize("provider", ["mistral", "groq", "together", "xai"])
+def test_builtin_compatible_providers_price_from_their_tables(stack: Stack,
+                                                              provider: str) -> None:
+    """Each built-in OpenAI-compatible provider needs only a base URL and a key."""
+    now = datetime.now(UTC)
+    model = next((m.name for m in stack.runtime.prices.models(provider)
+                  if (p := m.at(now)) and not p.windows and p.rates.output), None)
+    if model is None:
+        pytest.skip(f"{provider}.yaml prices no plain model today")
+    before = len(stack.rows())
+    out = client_for(stack, provider).chat.completions.create(model=model, messages=MESSAGES)
+    row = stack.rows(before + 1)[-1]
+    assert (row["provider"], row["priced"]) == (provider, 1)
+    assert row["pricing_version"].startswith(f"{provider}.yaml@")
+    assert row_cost(row) == expected_cost(stack, provider, model, input=out.usage.prompt_tokens,
+                                          output=out.usage.completion_tokens)
+
+
+def test_one_log_holds_every_provider_side_by_side(stack: Stack) -> None:
+    """OpenAI, Anthropic and Gemini calls land in one table with the same columns."""
+    before = len(stack.rows())
+    client_for(stack, "openai").chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
+                                                        extra_headers={"X-Meter-Trace-Id": "t1"})
+    anthropic.Anthropic(base_url=stack.base("anthropic", ""), api_key=VIRTUAL_KEY,
+                        max_retries=0).messages.create(
+        model="claude-haiku-4-5", max_tokens=64, messages=MESSAGES,
+        extra_headers={"X-Meter-Trace-Id": "t1"})
+    google = genai.Client(api_key=VIRTUAL_KEY, http_options=types.HttpOptions(
+        base_url=f"{stack.url}/gemini", headers={"X-Meter-Trace-Id": "t1"}))
+    google.models.generate_content(model="gemini-2.5-flash", contents="Say hello")
+    rows = stack.rows(before + 3)[before:]
+    assert [r["provider"] for r in rows] == ["openai", "anthropic", "gemini"]
+    assert all(list(r) == list(COLUMNS) for r in rows)
+    for r in rows:
+        assert (r["trace_id"], r["outcome"], r["usage_source"], r["priced"]) == (
+            "t1", "ok", "provider", 1)
+        assert r["input_tokens"] > 0 and r["output_tokens"] > 0 and r["cost_usd"] > 0
+        assert json.loads(r["cost_breakdown"])["classes"]["input"]["tokens"] == r["input_tokens"]
