@@ -34,7 +34,7 @@ def meter(dialect: Any, call: Call, pieces: list[bytes]) -> tuple[bytes, Any]:
     m = dialect.stream_meter(call)
     out = b"".join(m.feed(piece) for piece in pieces)
     tail, metered = m.finish()
-    return out + tail, (metered.usage, metered.prompt_usage, "".join(metered.text),
+    return out + tail, (metered.usage, metered.prompt_usage, metered.text.text(),
                         metered.response_model, metered.error)
 
 

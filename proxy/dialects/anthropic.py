@@ -115,7 +115,7 @@ class _StreamMeter:
         self._split = SSESplitter()
         self._tally = TextTally()
         self._totals: dict[str, Any] = {}  # the usage object as the stream has it so far
-        self.metered = Metered(text=self._tally.pieces)
+        self.metered = Metered(text=self._tally)
 
     def feed(self, chunk: bytes) -> bytes:
         for raw in self._split.feed(chunk):

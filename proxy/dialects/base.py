@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
+from proxy import tokens
 from proxy.errors import MeterError
 from proxy.usage import Usage
 
@@ -37,7 +38,7 @@ class Metered:
     usage: Usage | None = None
     response_model: str | None = None
     # Output text seen so far, for an estimate when usage never came.
-    text: list[str] = field(default_factory=list)
+    text: TextTally = field(default_factory=lambda: TextTally())
     # An error event inside an otherwise successful stream.
     error: str | None = None
     # Input counts a stream reported before its final usage (Anthropic's message_start,
@@ -101,13 +102,34 @@ def positive_int(value: Any) -> int | None:
 
 
 class TextTally:
-    """Collects streamed output text for an estimate, a list of pieces joined once."""
+    """Streamed output text, kept for a token estimate should usage never come.
 
-    __slots__ = ("pieces",)
+    Past FOLD_CHARS the text held so far is counted and dropped, keeping only the number,
+    so memory stays flat however long a stream runs; short streams are counted exactly once.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("folded", "model", "pieces", "size")
+    FOLD_CHARS = 256 * 1024
+
+    def __init__(self, model: str | None = None) -> None:
+        self.model = model
         self.pieces: list[str] = []
+        self.size = 0
+        self.folded = 0
 
     def add(self, text: Any) -> None:
         if isinstance(text, str) and text:
             self.pieces.append(text)
+            self.size += len(text)
+            if self.size > self.FOLD_CHARS:
+                self.folded += tokens.count_text("".join(self.pieces), self.model)
+                self.pieces.clear()
+                self.size = 0
+
+    def text(self) -> str:
+        """The text not yet folded into the count."""
+        return "".join(self.pieces)
+
+    def count(self) -> int:
+        """Tokens of everything streamed: the folded part plus what is held."""
+        return self.folded + tokens.count_text(self.text(), self.model)

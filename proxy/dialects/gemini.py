@@ -121,11 +121,11 @@ class _ChunkReader:
 
     def __init__(self, model: str | None) -> None:
         self._model = model
-        self._tally = TextTally()
+        self._tally = TextTally(model)
         self._queries = 0  # web search queries the grounding metadata names
         self.finished = False  # a chunk said the answer is complete
         self.last: dict[str, Any] | None = None  # the latest usageMetadata seen
-        self.metered = Metered(text=self._tally.pieces)
+        self.metered = Metered(text=self._tally)
 
     def read(self, obj: Any) -> None:
         if not isinstance(obj, dict):

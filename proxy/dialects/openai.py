@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
+from proxy import tokens
 from proxy.dialects.base import Call, Metered, TextTally, bearer, positive_int
 from proxy.dialects.sse import SSESplitter, parse_event
 from proxy.errors import Kind, MeterError
@@ -143,8 +144,7 @@ class OpenAIDialect:
                     if key == "name":
                         overhead += _PER_NAME
             overhead += _REPLY_PRIMER
-            if body.get("tools"):
-                texts.append(orjson.dumps(body["tools"]).decode())
+            overhead += _tool_texts(body.get("tools"), call.model, texts)
         elif call.endpoint == "responses":
             _collect_text(body.get("instructions"), texts)
             _collect_text(body.get("input"), texts)
@@ -177,8 +177,8 @@ class _StreamMeter:
         self._split = SSESplitter()
         self._hide = call.hide_usage_chunk
         self._responses = call.endpoint == "responses"
-        self._tally = TextTally()
-        self.metered = Metered(text=self._tally.pieces)
+        self._tally = TextTally(call.model)
+        self.metered = Metered(text=self._tally)
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._split.feed(chunk)
@@ -277,6 +277,45 @@ def _usage(endpoint: str, u: dict, service_tier: Any) -> Usage:
         audio_output_tokens=count(out_details.get("audio_tokens")),
         service_tier=_str(service_tier),
     )
+
+
+def _tool_texts(tools: Any, model: str | None, into: list[str]) -> int:
+    """Function definitions as OpenAI's cookbook counts them; returns the fixed overhead.
+
+    Per function 7 tokens (10 with cl100k_base) plus `name:description`; with properties
+    3 more and per property 3 plus `key:type:description`; an enum -3, then 3 plus the
+    item per item; 12 once when any tool is present. Other tool kinds count as JSON.
+    """
+    if not isinstance(tools, list) or not tools:
+        return 0
+    per_function = 10 if tokens.encoding_name(model) == "cl100k_base" else 7
+    overhead = 12
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict):
+            into.append(orjson.dumps(tool).decode())
+            continue
+        overhead += per_function
+        into.append(f"{function.get('name', '')}:{_trimmed(function.get('description'))}")
+        properties = sub(function.get("parameters"), "properties")
+        if properties:
+            overhead += 3
+        for key, spec in properties.items():
+            spec = spec if isinstance(spec, dict) else {}
+            overhead += 3
+            enum = spec.get("enum")
+            if isinstance(enum, list):
+                overhead -= 3
+                for item in enum:
+                    overhead += 3
+                    into.append(str(item))
+            into.append(f"{key}:{spec.get('type', '')}:{_trimmed(spec.get('description'))}")
+    return overhead
+
+
+def _trimmed(description: Any) -> str:
+    text = description if isinstance(description, str) else ""
+    return text[:-1] if text.endswith(".") else text
 
 
 def _web_searches(output: Any) -> int:

@@ -107,8 +107,7 @@ def estimate(x: Exchange) -> Usage:
     are exact, and they say which tokens were cache reads and writes.
     """
     model = x.call.model
-    output_text = "".join(x.metered.text) if x.metered is not None else ""
-    output = tokens.count_text(output_text, model)
+    output = x.metered.text.count() if x.metered is not None else 0
     known = x.metered.prompt_usage if x.metered is not None else None
     if known is not None:
         return replace(known, output_tokens=output, reasoning_tokens=0, audio_output_tokens=0)
