@@ -65,6 +65,7 @@ class Exchange:
     # forward and relay
     forwarded: bool = False
     status: int | None = None
+    upstream_status: int | None = None
     outcome: str = "ok"
     error: str | None = None
     ttfb: float | None = None

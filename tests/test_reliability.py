@@ -215,3 +215,41 @@ def test_full_disk_keeps_serving_and_loses_nothing(tiny_disk: Path, tmp_path: Pa
         assert stack.runtime.writer.dropped == 0
     finally:
         stack.close()
+
+
+def test_body_cut_short_is_a_502_not_half_a_200(sim: Stack) -> None:
+    """A provider that breaks off a JSON answer: the client gets a clear 502, one row."""
+    body = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "y" * 5000}}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 1200}})
+    sim.sim.then(Scenario(body=body, cut_body_at=2000))
+    client = openai.OpenAI(base_url=sim.base(), api_key=VIRTUAL_KEY, max_retries=0)
+    before = len(sim.rows())
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model="gpt-4o-mini",
+                                       messages=[{"role": "user", "content": "cut"}])
+    assert err.value.status_code == 502
+    assert "broke off its response" in err.value.body["message"]
+    row = sim.rows(before + 1)[-1]
+    assert (row["status"], row["outcome"], row["usage_source"]) == (502, "upstream_error",
+                                                                   "partial")
+    assert row["input_tokens"] > 0
+
+
+def test_hundred_megabyte_answer_streams_through_with_its_usage(sim: Stack) -> None:
+    """A 100 MB JSON answer reaches the client intact; usage is read from its tail."""
+    pad = "z" * (100 * 1024 * 1024)
+    body = orjson.dumps({"object": "list", "data": [{"object": "embedding", "index": 0,
+                                                     "embedding": pad}],
+                         "model": "text-embedding-3-small",
+                         "usage": {"prompt_tokens": 123456, "total_tokens": 123456}})
+    sim.sim.then(Scenario(body=body))
+    before = len(sim.rows())
+    reply = http("POST", f"{sim.base()}/embeddings", orjson.dumps(
+        {"model": "text-embedding-3-small", "input": "big"}), HEADERS, timeout=120)
+    assert reply.status_code == 200 and reply.content == body
+    assert "x-meter-cost-usd" not in reply.headers  # too large to hold before sending
+    row = sim.rows(before + 1)[-1]
+    assert (row["input_tokens"], row["usage_source"], row["outcome"]) == (123456, "provider",
+                                                                         "ok")
+    assert row["cost_usd"] == pytest.approx(123456 * 0.02 / 1e6)

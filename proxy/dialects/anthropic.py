@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
-from proxy.dialects.base import Call, Metered, TextTally, bearer, positive_int
+from proxy.dialects.base import Call, Metered, TextTally, bearer, load_body, positive_int
 from proxy.dialects.sse import SSESplitter, is_junk, parse_event
 from proxy.errors import Kind, MeterError
 from proxy.usage import Usage, count, sub
@@ -73,13 +73,10 @@ class AnthropicDialect:
         return body  # streams always carry usage: nothing to ask for
 
     def read_usage(self, call: Call, body: bytes) -> Metered:
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return Metered(error="response body is not JSON")
+        obj, note = load_body(body, ("usage", "model"))
         if not isinstance(obj, dict):
-            return Metered()
-        metered = Metered(response_model=_str(obj.get("model")))
+            return Metered(error=note)
+        metered = Metered(response_model=_str(obj.get("model")), error=note)
         if isinstance(obj.get("usage"), dict):
             metered.usage = usage(obj["usage"])
         return metered

@@ -7,9 +7,13 @@ an event stream, and how an error looks. Nothing outside `dialects/` knows any o
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
@@ -99,6 +103,32 @@ def positive_int(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     return None
+
+
+_COLON = re.compile(r"\s*:\s*")
+
+
+def load_body(body: bytes, keys: tuple[str, ...]) -> tuple[Any, str | None]:
+    """A response body as JSON; when it is not whole (cut short, or only the tail of a body
+    too large to hold), the last complete value of each of `keys` found in it, and a note."""
+    try:
+        return orjson.loads(body), None
+    except orjson.JSONDecodeError:
+        pass
+    text = body.decode("utf-8", "replace")
+    decoder = json.JSONDecoder()
+    found: dict[str, Any] = {}
+    for key in keys:
+        needle = f'"{key}"'
+        at = text.rfind(needle)
+        while at != -1 and key not in found:
+            colon = _COLON.match(text, at + len(needle))
+            if colon is not None:
+                with contextlib.suppress(ValueError):
+                    found[key] = decoder.raw_decode(text, colon.end())[0]
+            at = text.rfind(needle, 0, at)
+    note = "response body is not whole JSON" + ("; usage read from its tail" if found else "")
+    return (found or None), note
 
 
 class TextTally:

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
-from proxy.dialects.base import Call, Metered, TextTally, positive_int
+from proxy.dialects.base import Call, Metered, TextTally, load_body, positive_int
 from proxy.dialects.sse import SSESplitter, is_junk, parse_event
 from proxy.errors import Kind, MeterError
 from proxy.usage import Usage, count, sub
@@ -78,10 +78,9 @@ class GeminiDialect:
         return body  # every response carries usageMetadata: nothing to ask for
 
     def read_usage(self, call: Call, body: bytes) -> Metered:
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return Metered(error="response body is not JSON")
+        obj, note = load_body(body, ("usageMetadata", "modelVersion", "candidates"))
+        if obj is None:
+            return Metered(error=note)
         # streamGenerateContent without alt=sse, read whole: a JSON array of chunks.
         chunks = obj if isinstance(obj, list) else [obj]
         reader = _ChunkReader(call.model)

@@ -14,7 +14,7 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
 from proxy import tokens
-from proxy.dialects.base import Call, Metered, TextTally, bearer, positive_int
+from proxy.dialects.base import Call, Metered, TextTally, bearer, load_body, positive_int
 from proxy.dialects.sse import SSESplitter, parse_event
 from proxy.errors import Kind, MeterError
 from proxy.usage import Usage, count, sub
@@ -112,13 +112,10 @@ class OpenAIDialect:
         return orjson.dumps(payload)
 
     def read_usage(self, call: Call, body: bytes) -> Metered:
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return Metered(error="response body is not JSON")
+        obj, note = load_body(body, ("usage", "model", "service_tier", "output"))
         if not isinstance(obj, dict):
-            return Metered()
-        metered = Metered(response_model=_str(obj.get("model")))
+            return Metered(error=note)
+        metered = Metered(response_model=_str(obj.get("model")), error=note)
         usage = obj.get("usage")
         if isinstance(usage, dict):
             metered.usage = _usage(call.endpoint, usage, obj.get("service_tier"))

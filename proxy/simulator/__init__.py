@@ -28,6 +28,7 @@ class Scenario:
     headers: dict[str, str] = field(default_factory=dict)
     omit_usage: bool = False  # a provider that never reports usage
     cut_after: int | None = None  # streams: reset the connection after N events
+    cut_body_at: int | None = None  # whole bodies: reset after this many bytes
     hang_s: float = 0.0  # wait this long before answering
     reset_before_headers: bool = False
     raw_stream: bytes | None = None  # a stream body to send verbatim
@@ -130,6 +131,21 @@ async def send_events(request: web.Request, scenario: Scenario, events: list[byt
     except ConnectionError:
         request.app[SIMULATOR].abandoned += 1
         raise
+    return out
+
+
+async def send_body(request: web.Request, scenario: Scenario, body: bytes,
+                    content_type: str = "application/json") -> web.StreamResponse:
+    """A whole body with its Content-Length, or its first `cut_body_at` bytes and a reset."""
+    headers = {"Content-Type": content_type, **scenario.headers}
+    if scenario.cut_body_at is None:
+        return web.Response(status=scenario.status, body=body, headers=headers)
+    out = web.StreamResponse(status=scenario.status, headers=headers)
+    out.content_length = len(body)
+    await out.prepare(request)
+    await out.write(body[: scenario.cut_body_at])
+    if request.transport is not None:
+        request.transport.abort()
     return out
 
 

@@ -11,7 +11,15 @@ import orjson
 from aiohttp import web
 
 from proxy import tokens
-from proxy.simulator import Received, Scenario, Simulator, reply_text, send_events, split_text
+from proxy.simulator import (
+    Received,
+    Scenario,
+    Simulator,
+    reply_text,
+    send_body,
+    send_events,
+    split_text,
+)
 
 # A fixed creation time keeps answers byte-identical, direct or through the proxy.
 CREATED = 1727346169
@@ -32,7 +40,7 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
 
     async def embeddings(request: web.Request) -> web.StreamResponse:
         received, scenario = await sim.receive(request)
-        return _embeddings(received, scenario)
+        return await _embeddings(request, received, scenario)
 
     async def models(request: web.Request) -> web.StreamResponse:
         await sim.receive(request)
@@ -48,13 +56,13 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
     app.router.add_get("/v1/models", models)
 
 
-def _error(scenario: Scenario) -> web.Response | None:
+async def _canned(request: web.Request, scenario: Scenario) -> web.StreamResponse | None:
+    """The scenario's own body or error instead of an answer, if it has one."""
     if scenario.body is not None or scenario.status >= 400:
         body = scenario.body or orjson.dumps({"error": {
             "message": "simulated failure", "type": "server_error", "param": None,
             "code": None}})
-        return web.Response(status=scenario.status, body=body, headers={
-            "Content-Type": "application/json", **scenario.headers})
+        return await send_body(request, scenario, body)
     return None
 
 
@@ -101,7 +109,7 @@ def _chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
 
 async def _chat(request: web.Request, received: Received, scenario: Scenario,
                 legacy: bool) -> web.StreamResponse:
-    if (failed := _error(scenario)) is not None:
+    if (failed := await _canned(request, scenario)) is not None:
         return failed
     payload = orjson.loads(received.body)
     prompt, prompt_tokens = _prompt(payload)
@@ -158,7 +166,7 @@ def _responses_usage(prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
 
 async def _responses(request: web.Request, received: Received,
                      scenario: Scenario) -> web.StreamResponse:
-    if (failed := _error(scenario)) is not None:
+    if (failed := await _canned(request, scenario)) is not None:
         return failed
     payload = orjson.loads(received.body)
     prompt, prompt_tokens = _prompt(payload)
@@ -207,8 +215,9 @@ async def _responses(request: web.Request, received: Received,
     return await send_events(request, scenario, wire, headers)
 
 
-def _embeddings(received: Received, scenario: Scenario) -> web.Response:
-    if (failed := _error(scenario)) is not None:
+async def _embeddings(request: web.Request, received: Received,
+                      scenario: Scenario) -> web.StreamResponse:
+    if (failed := await _canned(request, scenario)) is not None:
         return failed
     payload = orjson.loads(received.body)
     inputs = payload.get("input")

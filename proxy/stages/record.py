@@ -78,8 +78,11 @@ def record(rt: Runtime, x: Exchange) -> None:
 def _needs_estimate(x: Exchange) -> bool:
     if x.outcome not in _BILLABLE:
         return False
-    # An upstream error status means the provider refused the call: nothing to bill.
-    return not (x.outcome == "upstream_error" and (x.status or 0) >= 400)
+    # A provider that refused the call (error status) or never answered it bills nothing;
+    # one that accepted it and then broke off may have: estimate what was used.
+    if x.outcome == "upstream_error":
+        return x.upstream_status is not None and x.upstream_status < 400
+    return True
 
 
 async def _estimate_then_write(rt: Runtime, x: Exchange, duration: float) -> None:

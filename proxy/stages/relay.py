@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.dialects.base import Metered
+from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
 from proxy.stages.authenticate import HOP_BY_HOP
 
@@ -41,7 +42,7 @@ async def relay(
     settle: Callable[[Exchange], None],
 ) -> web.StreamResponse:
     """Return the upstream response to the client; `settle` prices it before headers go."""
-    x.status = upstream.status
+    x.status = x.upstream_status = upstream.status
     x.upstream_request_id = upstream.headers.get(x.dialect.request_id_header)
     if upstream.status >= 400:
         x.outcome = "upstream_error"
@@ -104,10 +105,11 @@ async def _relay_body(
             if size > BUFFER_LIMIT:
                 return await _relay_large(x, upstream, chunks)
     except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-        x.outcome = "upstream_error"
-        x.error = f"upstream body broke: {type(exc).__name__}"
+        # Nothing is sent yet: a clear 502 beats a 200 with half a body.
+        raise MeterError(Kind.UPSTREAM_UNREACHABLE,
+                         f"{x.provider} broke off its response ({type(exc).__name__})") from None
     body = b"".join(chunks)
-    if x.call.metered and upstream.status < 400 and x.outcome != "upstream_error":
+    if x.call.metered and upstream.status < 400:
         x.metered = x.dialect.read_usage(x.call, body)
     headers = response_headers(upstream, x)
     settle(x)
