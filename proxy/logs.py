@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 
+import orjson
 import structlog
+
+
+def _json(event: dict, **_: object) -> str:
+    """orjson: the per-call log line is on the hot path; anything odd is logged as text."""
+    return orjson.dumps(event, default=str).decode()
 
 
 class _Stderr:
@@ -21,7 +27,7 @@ class _Stderr:
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Called by `serve` and `demo`, never at import."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer = (structlog.processors.JSONRenderer() if use_json
+    renderer = (structlog.processors.JSONRenderer(serializer=_json) if use_json
                 else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
         processors=[
