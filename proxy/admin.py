@@ -1,28 +1,68 @@
-"""The admin HTTP API under /_meter/ (bearer admin key) and /healthz (open)."""
+"""The admin HTTP API under /_meter/ (bearer admin key) and /healthz (open).
+
+The dashboard at /_meter/ also takes the key once as `?key=`: it answers with an
+HttpOnly, SameSite=Strict session cookie (an HMAC of the key, never the key) and a
+redirect that drops the key from the address bar. That cookie opens the other GET
+endpoints under /_meter/ too, so the page's links work; it never opens a POST.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import csv
+import hashlib
 import hmac
+import io
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 from aiohttp import web
 
-from proxy import query
+from proxy import dashboard, query
 from proxy.keys import APP_RUNTIME
+from proxy.report import build_report, render_text
 from proxy.runtime import reload_from_source
-from proxy.storage.sqlite import connect, sqlite_path
+from proxy.storage.readers import open_reader
 from proxy.timeparse import parse_time
+
+SESSION_COOKIE = "meterproxy_admin"
+SESSION_DAYS = 7
+EXPORT_BATCH_ROWS = 1000
+REPORT_TTL_S = 30  # a report over a million rows takes seconds; the page may be reloaded
+
+
+@dataclass
+class ReportCache:
+    """Recent reports by their parameters, so reloads and many viewers cost one build."""
+
+    entries: dict[tuple, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    locks: dict[tuple, asyncio.Lock] = field(default_factory=dict)
+
+
+APP_REPORTS = web.AppKey("meterproxy_reports", ReportCache)
+PAGE_HEADERS = {"Cache-Control": "no-store", "X-Frame-Options": "DENY",
+                "Referrer-Policy": "no-referrer",
+                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                           "form-action 'self'; frame-ancestors 'none'"}
 
 
 def add_routes(app: web.Application) -> None:
+    app[APP_REPORTS] = ReportCache()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/_meter/", dashboard_page)
+    app.router.add_get("/_meter", to_dashboard)
     app.router.add_get("/_meter/usage", usage)
     app.router.add_get("/_meter/usage/{id}", usage_row)
     app.router.add_get("/_meter/budgets", budgets)
+    app.router.add_get("/_meter/report", report)
+    app.router.add_get("/_meter/forecast", forecast_view)
+    app.router.add_get("/_meter/export.csv", export_csv)
     app.router.add_post("/_meter/reload", reload)
 
 
@@ -46,37 +86,195 @@ def _authorized(request: web.Request) -> None:
     rt = request.app[APP_RUNTIME]
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    if not rt.admin_key or not hmac.compare_digest(token.encode(), rt.admin_key.encode()):
-        raise web.HTTPUnauthorized(
-            text='{"error": "admin key required: Authorization: Bearer <admin key>"}',
-            content_type="application/json")
+    if rt.admin_key and hmac.compare_digest(token.encode(), rt.admin_key.encode()):
+        return
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    if rt.admin_key and cookie and request.method in ("GET", "HEAD") and hmac.compare_digest(
+            cookie.encode(), session_token(rt.admin_key).encode()):
+        return
+    raise web.HTTPUnauthorized(
+        text='{"error": "admin key required: Authorization: Bearer <admin key>"}',
+        content_type="application/json")
+
+
+def session_token(admin_key: str) -> str:
+    """The dashboard's cookie: derived from the admin key, useless for anything else."""
+    return hmac.new(admin_key.encode(), b"meterproxy dashboard session",
+                    hashlib.sha256).hexdigest()
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=orjson.dumps({"error": message}).decode(),
+                              content_type="application/json")
+
+
+def _usage_query(request: web.Request) -> query.UsageQuery:
+    """The CLI's `usage` options as query parameters (where= repeats; k!=v excludes)."""
+    params = request.query
+    now = request.app[APP_RUNTIME].now()
+    try:
+        where, exclude = query.parse_filters(params.getall("where", []))
+        return query.UsageQuery(
+            since=parse_time(params["since"], now) if params.get("since") else None,
+            until=parse_time(params["until"], now) if params.get("until") else None,
+            group_by=[g for g in params.get("group_by", "").split(",") if g],
+            where=where, exclude=exclude,
+            order_by=params.get("order_by") or None,
+            limit=int(params["limit"]) if params.get("limit") else None,
+            durations=params.get("durations", "") in ("1", "true", "yes"),
+        )
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
 
 
 async def usage(request: web.Request) -> web.Response:
     _authorized(request)
-    params = request.query
-    try:
-        q = query.UsageQuery(
-            since=parse_time(params["since"]) if params.get("since") else None,
-            until=parse_time(params["until"]) if params.get("until") else None,
-            group_by=[g for g in params.get("group_by", "").split(",") if g],
-            where=query.parse_where(params.getall("where", [])),
-            order_by=params.get("order_by") or None,
-            limit=int(params["limit"]) if params.get("limit") else None,
-        )
-    except ValueError as exc:
-        raise web.HTTPBadRequest(text=orjson.dumps({"error": str(exc)}).decode(),
-                                 content_type="application/json") from None
-    rows = await _read(request, lambda conn: query.usage(conn, q))
+    q = _usage_query(request)
+    rows = await _read(request, lambda conn, flavor: query.usage(conn, q, flavor))
     return json_response(rows)
 
 
 async def usage_row(request: web.Request) -> web.Response:
+    """One call's row, plus `explain`: its price period, each class x rate, the total."""
     _authorized(request)
-    row = await _read(request, lambda conn: query.call(conn, request.match_info["id"]))
-    if row is None:
+    found = await _read(request, lambda conn, flavor: query.explain(
+        conn, request.match_info["id"], flavor))
+    if found is None:
         raise web.HTTPNotFound(text='{"error": "no such call"}', content_type="application/json")
-    return json_response(row)
+    row = found.pop("row")
+    return json_response({**row, "explain": found})
+
+
+async def report(request: web.Request) -> web.Response:
+    """The report as JSON (or `?format=text`), `?since=` (default 30d), `until=`, `top=`."""
+    _authorized(request)
+    data = await _report(request)
+    if request.query.get("format") == "text":
+        return web.Response(text=render_text(data) + "\n", content_type="text/plain")
+    return json_response(data)
+
+
+async def forecast_view(request: web.Request) -> web.Response:
+    """This month's forecast: total, top customers, budgets (the report's `forecast`)."""
+    _authorized(request)
+    from proxy import forecast
+    from proxy.budgets import budgets_from
+
+    rt = request.app[APP_RUNTIME]
+    now = rt.now()
+    budgets = budgets_from(rt.settings)
+    return json_response(await _read(request, lambda conn, flavor: forecast.forecast_month(
+        conn, now, budgets, _top(request), flavor)))
+
+
+def _top(request: web.Request) -> int:
+    try:
+        return max(1, min(int(request.query.get("top", "10")), 1000))
+    except ValueError:
+        raise _bad_request("top takes a whole number") from None
+
+
+async def _report(request: web.Request) -> dict[str, Any]:
+    rt = request.app[APP_RUNTIME]
+    now = rt.now()
+    params = request.query
+    try:
+        since = parse_time(params.get("since") or "30d", now)
+        until = parse_time(params["until"], now) if params.get("until") else None
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
+    settings = rt.settings
+    top = _top(request)
+    cache = request.app[APP_REPORTS]
+    key = (params.get("since") or "30d", params.get("until"), top, id(settings))
+
+    def run() -> dict[str, Any]:
+        return build_report(lambda: open_reader(settings.storage.usage_log), settings, since,
+                            until, now, top)
+
+    async with cache.locks.setdefault(key, asyncio.Lock()):
+        hit = cache.entries.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        data = await asyncio.get_running_loop().run_in_executor(None, run)
+        cache.entries = {k: v for k, v in cache.entries.items() if v[0] > time.monotonic()}
+        cache.entries[key] = (time.monotonic() + REPORT_TTL_S, data)
+        return data
+
+
+async def to_dashboard(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/_meter/")
+
+
+async def dashboard_page(request: web.Request) -> web.Response:
+    """The dashboard; `?key=` once sets the session cookie and redirects without it."""
+    rt = request.app[APP_RUNTIME]
+    key = request.query.get("key")
+    if key is not None:
+        if not rt.admin_key or not hmac.compare_digest(key.encode(), rt.admin_key.encode()):
+            return _html(dashboard.login_page("That is not the admin key."), 401)
+        rest = [(k, v) for k, v in request.query.items() if k != "key"]
+        found = web.HTTPSeeOther("/_meter/" + (f"?{urlencode(rest)}" if rest else ""),
+                                 headers={"Cache-Control": "no-store"})
+        found.set_cookie(SESSION_COOKIE, session_token(rt.admin_key), path="/_meter",
+                         httponly=True, samesite="Strict", secure=request.secure,
+                         max_age=int(timedelta(days=SESSION_DAYS).total_seconds()))
+        raise found
+    try:
+        _authorized(request)
+    except web.HTTPUnauthorized:
+        unset = "" if rt.admin_key else (
+            f"No admin key is set: start the proxy with ${rt.settings.server.admin_key_env}.")
+        return _html(dashboard.login_page(unset), 401)
+    window = request.query.get("since") or "30d"
+    data = await _report(request)
+    live = await rt.budgets.status() if rt.budgets is not None else []
+    page = dashboard.render_page(data, live, window, rt.settings.source)
+    return _html(page)
+
+
+def _html(page: str, status: int = 200) -> web.Response:
+    return web.Response(text=page, status=status, content_type="text/html",
+                        headers=PAGE_HEADERS)
+
+
+async def export_csv(request: web.Request) -> web.StreamResponse:
+    """The filtered rows as CSV, streamed from a cursor a batch at a time (`columns=a,b`)."""
+    _authorized(request)
+    q = _usage_query(request)
+    wanted = [c for c in request.query.get("columns", "").split(",") if c]
+    loop = asyncio.get_running_loop()
+    rt = request.app[APP_RUNTIME]
+    conn, flavor = await loop.run_in_executor(None, open_reader, rt.settings.storage.usage_log)
+    try:
+        columns = wanted or list(query.COLUMNS)
+        cursor = await loop.run_in_executor(None, query.export_cursor, conn, q, flavor,
+                                            columns)
+    except query.QueryError as exc:
+        await loop.run_in_executor(None, conn.close)
+        raise _bad_request(str(exc)) from None
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store",
+        "Content-Disposition": 'attachment; filename="meterproxy-usage.csv"'})
+    try:
+        await response.prepare(request)
+        await response.write(_csv_lines([columns]))
+        while batch := await loop.run_in_executor(None, cursor.fetchmany, EXPORT_BATCH_ROWS):
+            await response.write(_csv_lines(batch))
+        await response.write_eof()
+    finally:
+        def close() -> None:
+            cursor.close()
+            conn.close()
+
+        await loop.run_in_executor(None, close)
+    return response
+
+
+def _csv_lines(rows: Any) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue().encode()
 
 
 async def budgets(request: web.Request) -> web.Response:
@@ -96,16 +294,15 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def _read(request: web.Request, fn: Any) -> Any:
-    rt = request.app[APP_RUNTIME]
-    path = sqlite_path(rt.settings.storage.usage_log)
+    """fn(connection, flavor) on a fresh read connection to the usage log, off the loop."""
+    url = request.app[APP_RUNTIME].settings.storage.usage_log
 
     def run() -> Any:
-        conn = connect(path, readonly=True)
+        conn, flavor = open_reader(url)
         try:
-            return fn(conn)
+            return fn(conn, flavor)
         except query.QueryError as exc:
-            raise web.HTTPBadRequest(text=orjson.dumps({"error": str(exc)}).decode(),
-                                     content_type="application/json") from None
+            raise _bad_request(str(exc)) from None
         finally:
             conn.close()
 

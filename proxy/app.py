@@ -73,15 +73,17 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    """Run until `stop` is set (or SIGTERM/SIGINT), then drain in-flight calls and flush."""
+                stop: asyncio.Event | None = None, reuse_port: bool = False) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT), then drain in-flight calls and flush.
+
+    `reuse_port` lets several worker processes listen on one port (SO_REUSEPORT)."""
     import signal
 
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.server.grace_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
     await site.start()
     log.info("listening", url=f"http://{host}:{port}")
     stop = stop or asyncio.Event()

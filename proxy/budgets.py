@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -26,6 +26,7 @@ from proxy import tokens
 from proxy.config import BudgetConfig, Settings
 from proxy.errors import Kind, MeterError
 from proxy.pricing import PriceBook, cost
+from proxy.storage import LedgerUnavailable
 from proxy.storage.ledger import ZERO, Balance, Hold, Ledger
 from proxy.usage import Usage
 
@@ -119,6 +120,7 @@ def call_attrs(key: str | None, customer: str | None, feature: str | None,
 @dataclass(slots=True)
 class Reservation:
     holds: list[tuple[Budget, str, Hold]]
+    unreserved: bool = False  # admitted while the ledger was unreachable (policy open)
 
 
 class Alerts:
@@ -188,6 +190,7 @@ class Budgets:
         self.default_output = settings.reservations.default_max_output_tokens
         self.spawn = spawn
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.ledger_failure = settings.storage.ledger_failure
         self.alerts = Alerts(settings.alerts.thresholds, settings.alerts.webhook_url, spawn)
 
     def applicable(self, attrs: dict[str, str | None], now: datetime
@@ -210,7 +213,19 @@ class Budgets:
         holds = [Hold(key=key, usd=usd, tokens=count, limit_usd=b.limit_usd,
                       limit_tokens=b.limit_tokens, block=b.block, period_end=end)
                  for b, _, key, end in applicable]
-        result = await self.ledger.reserve(x.id, holds, self.ttl_s)
+        try:
+            result = await self.ledger.reserve(x.id, holds, self.ttl_s)
+        except LedgerUnavailable as exc:
+            log.error("ledger_unavailable", request_id=x.id, policy=self.ledger_failure,
+                      error=str(exc))
+            if self.ledger_failure != "open":
+                raise MeterError(Kind.UNAVAILABLE, "meterproxy cannot reach its budget ledger, "
+                                 "so it cannot check this call's budget; retry shortly",
+                                 headers={"Retry-After": "1"}) from None
+            x.reservation = Reservation([(b, scope, h) for (b, scope, _, _), h
+                                         in zip(applicable, holds, strict=True)],
+                                        unreserved=True)
+            return
         if result.refused is not None:
             budget, scope, _, end = applicable[holds.index(result.refused)]
             headers = {"x-should-retry": "false"}
@@ -264,7 +279,21 @@ class Budgets:
 
     async def _settle(self, call_id: str, usd: Decimal, count: int,
                       reservation: Reservation) -> None:
-        settled = await self.ledger.settle(call_id, usd, count)
+        # Settles are idempotent, so a shared ledger that is briefly away is simply retried;
+        # a call admitted without a hold (policy open) is charged the same way once it is back.
+        for delay in (0.25, 0.5, 1, 2, 4, None):
+            try:
+                if reservation.unreserved:
+                    await self.ledger.reserve(call_id, [replace(h, block=False) for _, _, h
+                                                        in reservation.holds], self.ttl_s)
+                settled = await self.ledger.settle(call_id, usd, count)
+                break
+            except LedgerUnavailable as exc:
+                if delay is None:
+                    log.error("ledger_settle_failed", request_id=call_id, usd=str(usd),
+                              error=str(exc))
+                    return
+                await asyncio.sleep(delay)
         scopes = {h.key: (b, scope) for b, scope, h in reservation.holds}
         for hold, balance in settled:
             budget, scope = scopes[hold.key]
@@ -324,14 +353,16 @@ def spend_from_log(conn: Any, budgets: list[Budget], now: datetime
     starts = [b.bounds(now)[0] for b in budgets]
     if not starts:
         return {}
-    since = min(starts).strftime("%Y-%m-%dT%H")
-    sql = ("SELECT key_name, customer, feature, tags, substr(ts, 1, 13) AS hour, "
-           "sum(CAST(round(coalesce(cost_usd, 0) * 1e10) AS INTEGER)), "
+    since = min(starts).strftime("%Y-%m-%dT%H")  # digits, '-' and 'T': safe as a literal
+    # One statement for SQLite and PostgreSQL: a literal (their placeholders differ), BIGINT
+    # (64-bit in both), and tags read as text (JSONB on PostgreSQL).
+    sql = ("SELECT key_name, customer, feature, CAST(tags AS TEXT), substr(ts, 1, 13) AS hour, "
+           "sum(CAST(round(coalesce(cost_usd, 0) * 1e10) AS BIGINT)), "
            "sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens) "
-           "FROM usage WHERE ts >= ? GROUP BY 1, 2, 3, 4, 5")
+           f"FROM usage WHERE ts >= '{since}' GROUP BY 1, 2, 3, 4, 5")
     totals: dict[tuple[str, str], tuple[Decimal, int]] = {}
     units = Decimal("1e-10")
-    for key_name, customer, feature, tags, hour, cost_units, count in conn.execute(sql, (since,)):
+    for key_name, customer, feature, tags, hour, cost_units, count in conn.execute(sql):
         at = datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=UTC)
         attrs = call_attrs(key_name, customer, feature, orjson.loads(tags) if tags else None)
         for budget in budgets:
@@ -343,5 +374,5 @@ def spend_from_log(conn: Any, budgets: list[Budget], now: datetime
                 continue
             k = (budget.key(scope, start), scope)
             usd, n = totals.get(k, (ZERO, 0))
-            totals[k] = (usd + Decimal(cost_units or 0) * units, n + (count or 0))
+            totals[k] = (usd + Decimal(cost_units or 0) * units, n + int(count or 0))
     return totals

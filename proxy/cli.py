@@ -18,6 +18,7 @@ from proxy.config import ConfigError, Settings, load_settings
 from proxy.output import render
 from proxy.pricing import PriceBook, PricingError, rates_dict
 from proxy.runtime import key_digest
+from proxy.storage.readers import open_reader
 from proxy.storage.sqlite import connect, sqlite_path
 from proxy.timeparse import parse_time
 
@@ -61,11 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default="", help="comma-separated: columns, day, hour, "
                    "week, month, tag:NAME")
     p.add_argument("--where", action="append", default=[], metavar="K=V",
-                   help="filter on a column or tag:NAME (repeatable)")
-    p.add_argument("--order-by", help="calls, cost_usd, a token class or a group-by name")
+                   help="filter on a column or tag:NAME: k=v keeps, k!=v drops, k= means "
+                   "no value; repeat a name for any of several values")
+    p.add_argument("--order-by", help="calls, cost_usd, a token class, errors, refusals, "
+                   "cache_hit_rate, error_rate, p50_ms, p95_ms, or a group-by name")
     p.add_argument("--top", type=int, help="only the first N groups")
+    p.add_argument("--durations", action="store_true",
+                   help="add p50_ms and p95_ms (one more pass over the calls)")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.set_defaults(run=cmd_usage)
+
+    p = sub.add_parser("report", parents=[common],
+                       help="a readable summary: spend by provider, model, customer, "
+                       "feature; traces, unpriced calls, refusals, the forecast")
+    p.add_argument("--since", default="30d", help="start (default 30d ago)")
+    p.add_argument("--until", help="end, exclusive (default now)")
+    p.add_argument("--top", type=int, default=10, help="rows per table (10)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("forecast", parents=[common],
+                       help="month-end spend in total, per customer and per budget")
+    p.add_argument("--as-of", help="forecast as if it were this time (default now)")
+    p.add_argument("--top", type=int, default=10, help="customers shown (10)")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.set_defaults(run=cmd_forecast)
 
     p = sub.add_parser("budgets", parents=[common],
                        help="each budget: limit, spent, reserved, remaining, reset")
@@ -145,28 +166,90 @@ def _run(coro: Any) -> None:
 
 
 def _log_connection(settings: Settings):
-    path = sqlite_path(settings.storage.usage_log)
-    if not path.exists():
-        raise ValueError(f"no usage log at {path} yet: run meterproxy serve first")
-    return connect(path, readonly=True)
+    return open_reader(settings.storage.usage_log)[0]
+
+
+# What `usage --format table` shows; json and csv carry every aggregate.
+TABLE_HIDDEN = ("cache_write_1h_tokens", "unpriced_calls", "errors", "refusals")
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    where, exclude = query.parse_filters(args.where)
     q = query.UsageQuery(
         since=parse_time(args.since) if args.since else None,
         until=parse_time(args.until) if args.until else None,
         group_by=[g.strip() for g in args.group_by.split(",") if g.strip()],
-        where=query.parse_where(args.where),
+        where=where, exclude=exclude,
         order_by=args.order_by,
         limit=args.top,
+        durations=args.durations,
     )
-    conn = _log_connection(settings)
+    conn, flavor = open_reader(settings.storage.usage_log)
     try:
-        rows = query.usage(conn, q)
+        rows = query.usage(conn, q, flavor)
     finally:
         conn.close()
+    if args.format == "table":
+        rows = [{k: _rate(k, v) for k, v in r.items() if k not in TABLE_HIDDEN} for r in rows]
     print(render(rows, args.format))
+    return 0
+
+
+def _rate(name: str, value: Any) -> Any:
+    return f"{value * 100:.1f}%" if name.endswith("_rate") and value is not None else value
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from proxy.report import build_report, render_text
+
+    settings = load_settings(args.config)
+    now = datetime.now(UTC)
+    open_reader(settings.storage.usage_log)[0].close()  # a missing log: one clear error
+    data = build_report(lambda: open_reader(settings.storage.usage_log), settings,
+                        parse_time(args.since, now),
+                        parse_time(args.until, now) if args.until else None, now, args.top)
+    if args.format == "json":
+        _print_json(data)
+    else:
+        print(render_text(data))
+    return 0
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    from proxy.budgets import budgets_from
+    from proxy.forecast import forecast_month
+    from proxy.report import budget_table, usd
+
+    settings = load_settings(args.config)
+    now = parse_time(args.as_of) if args.as_of else datetime.now(UTC)
+    conn, flavor = open_reader(settings.storage.usage_log)
+    try:
+        data = forecast_month(conn, now, budgets_from(settings), args.top, flavor)
+    finally:
+        conn.close()
+    if args.format == "json":
+        _print_json(data)
+        return 0
+    money = ("spent_usd", "forecast_usd", "low_usd", "high_usd")
+    rows = [{"scope": "total", **{k: data["total"][k] for k in money}}]
+    rows += [{"scope": f"customer={c['customer']}", **{k: c[k] for k in money}}
+             for c in data["customers"]]
+    if args.format == "csv":
+        rows += [{"scope": b["scope"], **{k: b[k] for k in money}} for b in data["budgets"]]
+        print(render(rows, "csv"))
+        return 0
+    ft = data["total"]
+    print(f"Forecast for {data['month']} (to {data['month_end']}, as of {data['as_of']}):")
+    print(f"  {usd(ft['forecast_usd'])}, 90% band {usd(ft['low_usd'])} - "
+          f"{usd(ft['high_usd'])}; spent so far {usd(ft['spent_usd'])}, run rate "
+          f"{usd(ft['daily_rate_usd'])}/day ({ft['history_days']} days of history)\n")
+    print(render([{"scope": r["scope"], "spent": usd(r["spent_usd"]),
+                   "forecast": usd(r["forecast_usd"]), "low": usd(r["low_usd"]),
+                   "high": usd(r["high_usd"])} for r in rows], "table"))
+    if data["budgets"]:
+        print("\nBudgets (current period, projected to its end):")
+        print(budget_table(data["budgets"]))
     return 0
 
 
@@ -194,41 +277,49 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    conn = _log_connection(settings)
+    conn, flavor = open_reader(settings.storage.usage_log)
     try:
-        row = query.call(conn, args.id)
+        found = query.explain(conn, args.id, flavor)
     finally:
         conn.close()
-    if row is None:
+    if found is None:
         print(f"meterproxy: no call {args.id} in the usage log", file=sys.stderr)
         return 1
-    breakdown = orjson.loads(row["cost_breakdown"]) if row["cost_breakdown"] else {}
+    row = found.pop("row")
     if args.format == "json":
-        print(orjson.dumps({**row, "cost_breakdown": breakdown},
-                           option=orjson.OPT_INDENT_2).decode())
+        _print_json({**row, "explain": found})
         return 0
     width = max(len(k) for k in row)
     for key, value in row.items():
         if key != "cost_breakdown":
-            print(f"{key.ljust(width)}  {'-' if value is None else value}")
+            shown = orjson.dumps(value).decode() if isinstance(value, dict) else value
+            print(f"{key.ljust(width)}  {'-' if shown is None else shown}")
     print()
-    if not row["priced"]:
+    if not found["priced"]:
         print("not priced: no table price for this model at this time")
         return 0
-    print(f"priced by {row['pricing_version']} "
-          f"(model {breakdown.get('model', row['model'])}, period from {breakdown.get('period')})")
-    for name, line in breakdown.get("classes", {}).items():
+    print(f"priced by {found['pricing_version']} "
+          f"(model {found['model']}, period from {found['period']})")
+    for line in found["lines"]:
         if "tokens" in line:
-            print(f"  {name:<15} {line['tokens']:>12,} tokens x ${line['usd_per_mtok']}/1M"
-                  f" = ${line['usd']}")
+            print(f"  {line['class']:<15} {line['tokens']:>12,} tokens x "
+                  f"${line['usd_per_mtok']}/1M = ${line['usd']}")
         else:
-            print(f"  {name:<15} {line['requests']:>12,} requests x ${line['usd_per_1000']}/1000"
-                  f" = ${line['usd']}")
-    for note in ("tier", "service_tier", "window", "missing_rates"):
-        if note in breakdown:
-            print(f"  {note}: {breakdown[note]}")
+            print(f"  {line['class']:<15} {line['requests']:>12,} requests x "
+                  f"${line['usd_per_1000']}/1000 = ${line['usd']}")
+    for note, value in found["notes"].items():
+        print(f"  {note}: {value}")
     print(f"  {'total':<15} {'':>12}                    = ${row['cost_usd']}")
     return 0
+
+
+def _print_json(data: Any) -> None:
+    def plain(value: Any) -> Any:
+        if isinstance(value, Decimal):
+            return float(value)
+        raise TypeError
+
+    print(orjson.dumps(data, default=plain, option=orjson.OPT_INDENT_2).decode())
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:

@@ -41,6 +41,9 @@ class StorageConfig:
     ledger: str = "local"
     flush_interval_ms: int = 250
     batch_rows: int = 500
+    max_backlog_rows: int = 100_000
+    ledger_failure: str = "closed"
+    spool_dir: str = "meterproxy-spool"
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,16 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class CustomerConfig:
+    plan_usd: float | None = None  # what the customer pays per month
+
+
+@dataclass(frozen=True)
+class UnitEconomicsConfig:
+    max_cost_share: float = 0.3  # flag a customer whose AI cost exceeds this share of price
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"
@@ -114,6 +127,8 @@ class Settings:
     reservations: ReservationsConfig = field(default_factory=ReservationsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    customers: dict[str, CustomerConfig] = field(default_factory=dict)
+    unit_economics: UnitEconomicsConfig = field(default_factory=UnitEconomicsConfig)
     source: str = "<built-in defaults>"
 
     def provider(self, name: str) -> ProviderConfig | None:
@@ -148,6 +163,7 @@ DIALECTS = ("openai", "anthropic", "gemini")
 AUTH_MODES = ("virtual_keys", "passthrough")
 PERIODS = ("day", "week", "month", "total")
 SCOPE_KEYS = ("key", "customer", "feature")
+LEDGER_FAILURE = ("closed", "open")
 
 
 def find_config_file(explicit: str | None) -> Path | None:
@@ -216,6 +232,8 @@ def _validate(s: Settings) -> None:
         fail("reservations", "default_max_output_tokens and ttl_s must be positive")
     if s.server.max_body_mb <= 0:
         fail("server.max_body_mb", "must be positive")
+    if s.storage.ledger_failure not in LEDGER_FAILURE:
+        fail("storage.ledger_failure", f"must be closed or open, not {s.storage.ledger_failure!r}")
     for name, p in s.providers.items():
         if p.dialect not in DIALECTS:
             fail(f"providers.{name}.dialect", f"must be one of {', '.join(DIALECTS)}, "
@@ -247,6 +265,12 @@ def _validate(s: Settings) -> None:
     for t in s.alerts.thresholds:
         if not 0 < t <= 10:
             fail("alerts.thresholds", f"each threshold is a fraction of the limit, not {t}")
+    for name, customer in s.customers.items():
+        if customer.plan_usd is not None and customer.plan_usd < 0:
+            fail(f"customers.{name}.plan_usd", "must not be negative")
+    if not 0 < s.unit_economics.max_cost_share <= 10:
+        fail("unit_economics.max_cost_share", "is a fraction of the customer's price, "
+             f"e.g. 0.3, not {s.unit_economics.max_cost_share}")
     for key, value in s.pricing.overrides.items():
         if not isinstance(value, dict):
             fail(f"pricing.overrides.{key}", "must be a mapping")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import structlog
 from yarl import URL
 
@@ -23,9 +24,15 @@ from proxy.dialects import for_name
 from proxy.dialects.base import Dialect
 from proxy.metrics import Metrics, gauge
 from proxy.pricing import PriceBook
-from proxy.storage import open_ledger, open_usage_log
+from proxy.storage import (
+    LedgerUnavailable,
+    LogUnavailable,
+    is_redis,
+    open_ledger,
+    open_usage_log,
+)
 from proxy.storage.ledger import Ledger
-from proxy.storage.sqlite import connect, sqlite_path
+from proxy.storage.readers import open_reader
 from proxy.storage.writer import UsageWriter
 
 log = structlog.get_logger("meterproxy")
@@ -43,6 +50,13 @@ class Upstream:
     auth_header: str | None
     timeout_s: float
     pricing_table: str
+    # Silence longer than timeout_s while waiting or streaming is a 504; no total limit,
+    # so a long stream that keeps talking is never cut.
+    timeout: aiohttp.ClientTimeout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=min(self.timeout_s, 30),
+                                             sock_read=self.timeout_s)
 
 
 @dataclass
@@ -73,6 +87,9 @@ class Runtime:
                       [((), self.writer.pending)])
         lines += gauge("meterproxy_usage_log_write_failures", "Failed usage-log writes.",
                        [((), self.writer.failures)])
+        lines += gauge("meterproxy_usage_log_dropped_rows",
+                       "Rows dropped because the log kept failing and the backlog was full.",
+                       [((), self.writer.dropped)])
         if self.budgets is not None:
             lines += gauge(
                 "meterproxy_budget_utilisation", "Spent share of each budget period's limit.",
@@ -121,9 +138,10 @@ def fingerprint(key: str) -> str:
 
 def build_runtime(settings: Settings, clock: Callable[[], datetime] | None = None) -> Runtime:
     storage = settings.storage
-    writer = UsageWriter(open_usage_log(storage.usage_log),
+    writer = UsageWriter(open_usage_log(storage.usage_log, spool_dir=storage.spool_dir),
                          interval_s=storage.flush_interval_ms / 1000,
-                         batch_rows=storage.batch_rows)
+                         batch_rows=storage.batch_rows,
+                         max_backlog=storage.max_backlog_rows)
     upstreams, keys, prices, admin_key = build_runtime_parts(settings, clock)
     rt = Runtime(settings=settings, upstreams=upstreams, keys=keys, prices=prices,
                  writer=writer, admin_key=admin_key, clock=clock)
@@ -144,6 +162,8 @@ def build_budgets(rt: Runtime, ledger: Ledger) -> Budgets | None:
     found = budgets_from(rt.settings)
     if not found:
         return None
+    if hasattr(ledger, "on_lost"):  # a shared ledger that restarted empty asks for a rebuild
+        ledger.on_lost = lambda: rebuild_budgets(rt)
     return Budgets(found, ledger, rt.prices, rt.settings, rt.spawn, rt.now)
 
 
@@ -151,17 +171,24 @@ async def rebuild_budgets(rt: Runtime) -> None:
     """Seed the ledger from the usage log, so a restart forgets no spend."""
     if rt.budgets is None:
         return
-    path = sqlite_path(rt.settings.storage.usage_log)
+    budgets, storage = rt.budgets, rt.settings.storage
 
     def read() -> dict:
-        conn = connect(path, readonly=True)
+        conn, _ = open_reader(storage.usage_log)
         try:
-            return spend_from_log(conn, rt.budgets.budgets, rt.now())
+            return spend_from_log(conn, budgets.budgets, rt.now())
         finally:
             conn.close()
 
-    totals = await asyncio.get_running_loop().run_in_executor(None, read)
-    await rt.budgets.rebuild(totals)
+    try:
+        totals = await asyncio.get_running_loop().run_in_executor(None, read)
+        await budgets.rebuild(totals)
+    except (LogUnavailable, LedgerUnavailable) as exc:
+        if not is_redis(storage.ledger):
+            raise
+        # Redis keeps spend across restarts, so it rarely needs this; if it turns out to
+        # have lost the ledger, the first reserve asks for the rebuild again.
+        log.error("budgets_not_rebuilt", error=str(exc))
 
 
 def reload_settings(rt: Runtime, settings: Settings) -> None:

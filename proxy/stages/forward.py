@@ -20,13 +20,11 @@ async def forward(session: aiohttp.ClientSession, x: Exchange) -> aiohttp.Client
     if x.query != x.request.query:  # the dialect moved a key out of the query string
         query = urlencode(list(x.query.items()))
     url = URL(f"{upstream.base_url}{x.path}{'?' if query else ''}{query}", encoded=True)
-    timeout = aiohttp.ClientTimeout(total=None, connect=min(upstream.timeout_s, 30),
-                                    sock_read=upstream.timeout_s)
     x.forwarded = True
     try:
         return await session.request(
             x.request.method, url, headers=x.headers,
-            data=body or None, timeout=timeout, allow_redirects=False,
+            data=body or None, timeout=upstream.timeout, allow_redirects=False,
         )
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise MeterError(Kind.UPSTREAM_TIMEOUT,

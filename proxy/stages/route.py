@@ -13,8 +13,7 @@ from proxy.runtime import Runtime
 def route(rt: Runtime, x: Exchange) -> None:
     """The first path segment names the provider; the rest goes upstream unchanged."""
     raw = x.request.raw_path.split("?", 1)[0]
-    _, _, rest = raw.lstrip("/").partition("/")
-    name = raw.lstrip("/").split("/", 1)[0]
+    name, _, rest = raw.lstrip("/").partition("/")
     upstream = rt.upstreams.get(name)
     if upstream is None:
         known = ", ".join(sorted(rt.upstreams))

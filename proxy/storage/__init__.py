@@ -1,22 +1,63 @@
-"""Storage behind narrow interfaces: the usage log (append rows, query) and the ledger."""
+"""Storage behind narrow interfaces: the usage log (append rows, query) and the ledger.
+
+The embedded defaults are SQLite for the log and an in-process ledger; PostgreSQL (log)
+and Redis (ledger) let several proxy instances share one of each.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from proxy.storage.ledger import Ledger, LocalLedger
 from proxy.storage.writer import UsageLog
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+DEFAULT_SPOOL_DIR = "meterproxy-spool"
 
-def open_usage_log(url: str) -> UsageLog:
-    """The usage log a `storage.usage_log` URL names."""
+
+class LedgerUnavailable(Exception):
+    """The shared ledger cannot be reached; `storage.ledger_failure` says what to do."""
+
+
+class LogUnavailable(Exception):
+    """The usage log's database cannot be reached; rows go to the local spool meanwhile."""
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(POSTGRES_SCHEMES)
+
+
+def is_redis(url: str) -> bool:
+    return url.startswith(REDIS_SCHEMES)
+
+
+def open_usage_log(url: str, *, spool_dir: str | None = None) -> UsageLog:
+    """The usage log a `storage.usage_log` URL names.
+
+    A PostgreSQL log is wrapped in a spool: while the database is unreachable, rows go to
+    an append-only file under `spool_dir` and are replayed in order when it returns.
+    """
     if url.startswith("sqlite:///"):
         from proxy.storage.sqlite import SqliteUsageLog
 
         return SqliteUsageLog(url)
-    raise ValueError(f"storage.usage_log: unsupported URL {url!r} (use sqlite:///file.db)")
+    if is_postgres(url):
+        from proxy.storage.postgres import PostgresUsageLog
+        from proxy.storage.spool import SpooledUsageLog
+
+        return SpooledUsageLog(PostgresUsageLog(url), Path(spool_dir or DEFAULT_SPOOL_DIR))
+    raise ValueError(f"storage.usage_log: unsupported URL {url!r} "
+                     "(use sqlite:///file.db or postgresql://user@host/db)")
 
 
 def open_ledger(url: str) -> Ledger:
     """The budget ledger a `storage.ledger` setting names."""
     if url == "local":
         return LocalLedger()
-    raise ValueError(f"storage.ledger: unsupported ledger {url!r} (use local)")
+    if is_redis(url):
+        from proxy.storage.redis_ledger import RedisLedger
+
+        return RedisLedger(url)
+    raise ValueError(f"storage.ledger: unsupported ledger {url!r} "
+                     "(use local or redis://host:6379/0)")

@@ -58,6 +58,58 @@ def m001_usage(db: sqlite_utils.Database) -> None:
         db.execute(f"CREATE INDEX idx_usage_{column}_ts ON usage ({column}, ts)")
 
 
+# Views for Datasette and sqlite-utils users: plain SQL sums (floats), rounded for reading;
+# `meterproxy usage` gives the exact ones.
+SPEND_COLUMNS = """count(*) AS calls,
+        sum(input_tokens) AS input_tokens,
+        sum(cached_input_tokens) AS cached_input_tokens,
+        sum(cache_write_tokens) AS cache_write_tokens,
+        sum(output_tokens) AS output_tokens,
+        sum(reasoning_tokens) AS reasoning_tokens,
+        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
+        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls"""
+
+
+@migrations()
+def m002_views(db: sqlite_utils.Database) -> None:
+    db.execute(f"""CREATE VIEW daily_spend AS
+        SELECT substr(ts, 1, 10) AS day, {SPEND_COLUMNS}
+        FROM usage GROUP BY 1 ORDER BY 1""")
+    for dim in ("customer", "feature"):
+        db.execute(f"""CREATE VIEW spend_by_{dim} AS
+            SELECT substr(ts, 1, 7) AS month, {dim}, {SPEND_COLUMNS}
+            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC""")
+
+
+# The columns a usage query sums, so an index holding them answers it without the table.
+AGGREGATED = ("outcome", "priced", "input_tokens", "cached_input_tokens", "cache_write_tokens",
+              "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "cost_usd",
+              "duration_ms")
+
+
+@migrations()
+def m003_query_indexes(db: sqlite_utils.Database) -> None:
+    # Spend by customer, feature or model (and by them together, with the provider)
+    # reads a covering index in group order: no table reads, no sort. They replace the
+    # narrower (customer, ts), (feature, ts) and (model, ts) indexes, which they include.
+    payload = ", ".join(AGGREGATED)
+    for column, others in (("customer", "feature, provider, model"),
+                           ("feature", "customer, provider, model"),
+                           ("model", "provider, customer, feature")):
+        db.execute(f"DROP INDEX idx_usage_{column}_ts")
+        db.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage "
+                   f"({column}, ts, {others}, {payload})")
+    # Daily spend (charts, forecasts, budgets) reads this small index in day order: no
+    # sort, no table.
+    db.execute("CREATE INDEX idx_usage_day ON usage (substr(ts, 1, 10), ts, cost_usd, priced)")
+    # What the report looks up: refusals and errors, unpriced calls, one trace's calls.
+    db.execute("CREATE INDEX idx_usage_outcome_ts ON usage (outcome, ts)")
+    db.execute("CREATE INDEX idx_usage_unpriced_ts ON usage (ts) WHERE priced = 0")
+    db.execute("CREATE INDEX idx_usage_trace_id ON usage (trace_id) WHERE trace_id IS NOT NULL")
+    if db.execute("SELECT 1 FROM usage LIMIT 1").fetchone():
+        db.execute("ANALYZE")  # statistics of an empty table would mislead the planner later
+
+
 def sqlite_path(url: str) -> Path:
     """The file of a `sqlite:///relative.db` or `sqlite:////absolute.db` URL."""
     if not url.startswith("sqlite:///"):
@@ -111,5 +163,7 @@ class SqliteUsageLog:
 
     def close(self) -> None:
         if self._conn is not None:
+            # Refreshes the planner's statistics where they went stale (SQLite's advice).
+            self._conn.execute("PRAGMA optimize")
             self._conn.close()
             self._conn = None

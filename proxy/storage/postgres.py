@@ -1,0 +1,252 @@
+"""The PostgreSQL usage log: the SQLite schema's twin, batched inserts, shared by instances.
+
+Same table, same columns, same migrations (by name) as `proxy.storage.sqlite`, with
+PostgreSQL types where they say more: NUMERIC for exact money, JSONB for `tags` and
+`cost_breakdown`. `ts` stays ISO-8601 text so both logs sort and filter the same way.
+Migrations are an append-only list; never edit one that has shipped, add the next (and
+its SQLite twin). Several instances may start at once: an advisory lock serialises them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import structlog
+
+from proxy.storage import LogUnavailable
+from proxy.storage.row import COLUMNS, UsageRow
+
+log = structlog.get_logger("meterproxy.usage_log")
+
+MIGRATION_SET = "meterproxy"
+CONNECT_TIMEOUT_S = 3
+# Any stable 64-bit number: the advisory lock that serialises migrations across instances.
+_MIGRATION_LOCK = 0x6D65746572
+
+Migration = Callable[[psycopg.Connection], None]
+migrations: list[tuple[str, Migration]] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register the next migration, named like its SQLite twin (m001_usage, ...)."""
+    migrations.append((fn.__name__, fn))
+    return fn
+
+
+@migration
+def m001_usage(conn: psycopg.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE usage (
+            id TEXT PRIMARY KEY,
+            ts TEXT NOT NULL,
+            duration_ms DOUBLE PRECISION,
+            ttfb_ms DOUBLE PRECISION,
+            key_name TEXT,
+            provider TEXT,
+            endpoint TEXT,
+            model TEXT,
+            response_model TEXT,
+            stream INTEGER NOT NULL DEFAULT 0,
+            status INTEGER,
+            outcome TEXT NOT NULL,
+            input_tokens BIGINT NOT NULL DEFAULT 0,
+            cached_input_tokens BIGINT NOT NULL DEFAULT 0,
+            cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+            cache_write_1h_tokens BIGINT NOT NULL DEFAULT 0,
+            output_tokens BIGINT NOT NULL DEFAULT 0,
+            reasoning_tokens BIGINT NOT NULL DEFAULT 0,
+            usage_source TEXT,
+            cost_usd NUMERIC(30, 10),
+            cost_breakdown JSONB,
+            pricing_version TEXT,
+            priced INTEGER NOT NULL DEFAULT 1,
+            customer TEXT,
+            feature TEXT,
+            trace_id TEXT,
+            tags JSONB,
+            upstream_request_id TEXT,
+            error TEXT
+        )
+        """
+    )
+    for column in ("ts", "key_name", "customer", "feature", "model"):
+        conn.execute(f"CREATE INDEX idx_usage_{column}_ts ON usage ({column}, ts)")
+    conn.execute("CREATE INDEX idx_usage_tags ON usage USING gin (tags jsonb_path_ops)")
+
+
+# Views for psql and BI tools: plain sums, rounded for reading; `meterproxy usage` gives
+# the exact ones. The same views as SQLite's m002_views.
+SPEND_COLUMNS = """count(*) AS calls,
+        sum(input_tokens) AS input_tokens,
+        sum(cached_input_tokens) AS cached_input_tokens,
+        sum(cache_write_tokens) AS cache_write_tokens,
+        sum(output_tokens) AS output_tokens,
+        sum(reasoning_tokens) AS reasoning_tokens,
+        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
+        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls"""
+
+
+@migration
+def m002_views(conn: psycopg.Connection) -> None:
+    conn.execute(f"""CREATE VIEW daily_spend AS
+        SELECT substr(ts, 1, 10) AS day, {SPEND_COLUMNS}
+        FROM usage GROUP BY 1 ORDER BY 1""")
+    for dim in ("customer", "feature"):
+        conn.execute(f"""CREATE VIEW spend_by_{dim} AS
+            SELECT substr(ts, 1, 7) AS month, {dim}, {SPEND_COLUMNS}
+            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC""")
+
+
+# The columns a usage query sums (as SQLite's AGGREGATED), carried in the covering indexes.
+AGGREGATED = ("outcome", "priced", "input_tokens", "cached_input_tokens", "cache_write_tokens",
+              "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "cost_usd",
+              "duration_ms")
+
+
+@migration
+def m003_query_indexes(conn: psycopg.Connection) -> None:
+    # SQLite's twin: spend by customer, feature or model reads a covering index (the
+    # summed columns ride along with INCLUDE), replacing the narrower (column, ts)
+    # indexes; day buckets, refusals, unpriced calls and traces are indexed too.
+    payload = ", ".join(AGGREGATED)
+    for column, others in (("customer", "feature, provider, model"),
+                           ("feature", "customer, provider, model"),
+                           ("model", "provider, customer, feature")):
+        conn.execute(f"DROP INDEX idx_usage_{column}_ts")
+        conn.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage "
+                     f"({column}, ts, {others}) INCLUDE ({payload})")
+    conn.execute("CREATE INDEX idx_usage_day ON usage (substr(ts, 1, 10), ts) "
+                 "INCLUDE (cost_usd, priced)")
+    conn.execute("CREATE INDEX idx_usage_outcome_ts ON usage (outcome, ts)")
+    conn.execute("CREATE INDEX idx_usage_unpriced_ts ON usage (ts) WHERE priced = 0")
+    conn.execute("CREATE INDEX idx_usage_trace_id ON usage (trace_id) "
+                 "WHERE trace_id IS NOT NULL")
+    if conn.execute("SELECT 1 FROM usage LIMIT 1").fetchone():
+        conn.execute("ANALYZE usage")
+
+
+def dsn(url: str) -> str:
+    """A libpq URL from a `storage.usage_log` URL (SQLAlchemy's `+psycopg` is dropped)."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
+    """A connection with a short connect timeout; unreachable raises LogUnavailable."""
+    try:
+        return psycopg.connect(dsn(url), autocommit=autocommit,
+                               connect_timeout=CONNECT_TIMEOUT_S,
+                               application_name="meterproxy")
+    except psycopg.OperationalError as exc:
+        raise LogUnavailable(f"postgresql unreachable: {_first_line(exc)}") from exc
+
+
+def connect_reader(url: str) -> psycopg.Connection:
+    """A read-only connection for the query layer (autocommit: no transaction lingers)."""
+    try:
+        return psycopg.connect(dsn(url), autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                               application_name="meterproxy-reader",
+                               options="-c default_transaction_read_only=on")
+    except psycopg.OperationalError as exc:
+        raise LogUnavailable(f"postgresql unreachable: {_first_line(exc)}") from exc
+
+
+def migrate(conn: psycopg.Connection) -> list[str]:
+    """Create or upgrade the schema; returns the names of the migrations applied now."""
+    applied_now = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute("""
+            CREATE TABLE IF NOT EXISTS meterproxy_migrations (
+                migration_set TEXT NOT NULL,
+                name TEXT NOT NULL,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (migration_set, name)
+            )""")
+        done = {name for (name,) in conn.execute(
+            "SELECT name FROM meterproxy_migrations WHERE migration_set = %s",
+            (MIGRATION_SET,))}
+        for name, fn in migrations:
+            if name in done:
+                continue
+            fn(conn)
+            conn.execute("INSERT INTO meterproxy_migrations (migration_set, name) "
+                         "VALUES (%s, %s)", (MIGRATION_SET, name))
+            applied_now.append(name)
+    return applied_now
+
+
+_COLUMNS = ", ".join(COLUMNS)
+_COST = COLUMNS.index("cost_usd")
+
+
+def _money(value: float | None) -> Decimal | None:
+    # The row carries a float rounded from a Decimal at 1e-10; its shortest repr is that
+    # decimal again, so NUMERIC stores the exact amount.
+    return None if value is None else Decimal(repr(value))
+
+
+class PostgresUsageLog:
+    """Appends rows to PostgreSQL in batches. Used from the writer thread only.
+
+    A batch is COPYed into a temporary table, then moved into `usage` with
+    `ON CONFLICT (id) DO NOTHING`: one round of COPY for speed, and a batch written twice
+    (a replay after a lost acknowledgement) still leaves one row per call.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: psycopg.Connection | None = None
+
+    def open(self) -> None:
+        self._connection()
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            conn = connect(self.url)
+            try:
+                applied = migrate(conn)
+                conn.execute("CREATE TEMP TABLE usage_incoming (LIKE usage INCLUDING DEFAULTS) "
+                             "ON COMMIT DELETE ROWS")
+            except psycopg.OperationalError as exc:
+                conn.close()
+                raise LogUnavailable(f"postgresql unreachable: {_first_line(exc)}") from exc
+            if applied:
+                log.info("usage_log_migrated", migrations=applied)
+            self._conn = conn
+        return self._conn
+
+    def write(self, rows: list[UsageRow]) -> None:
+        """Insert `rows` in one transaction; LogUnavailable when the server is away."""
+        conn = self._connection()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                with cur.copy(f"COPY usage_incoming ({_COLUMNS}) FROM STDIN") as copy:
+                    for row in rows:
+                        values: list[Any] = list(row.values())
+                        values[_COST] = _money(values[_COST])
+                        copy.write_row(values)
+                cur.execute(f"INSERT INTO usage ({_COLUMNS}) SELECT {_COLUMNS} "
+                            f"FROM usage_incoming ON CONFLICT (id) DO NOTHING")
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._drop()
+            raise LogUnavailable(f"postgresql unreachable: {_first_line(exc)}") from exc
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            # A broken connection may fail to close; it is gone either way.
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        self._drop()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
