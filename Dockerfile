@@ -10,7 +10,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY pricing ./pricing
-RUN pip install --no-cache-dir . \
+# The project itself, with its Redis/PostgreSQL extra (pinning applies to packages, not ".").
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir '.[scale]' \
     && useradd --system --uid 10001 --home-dir /data --create-home meter
 
 USER 10001

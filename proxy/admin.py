@@ -25,6 +25,7 @@ from aiohttp import web
 
 from proxy import dashboard, query
 from proxy.keys import APP_RUNTIME
+from proxy.storage import LedgerUnavailable
 from proxy.report import build_report, render_text
 from proxy.runtime import reload_from_source
 from proxy.storage.readers import open_reader
@@ -280,7 +281,11 @@ def _csv_lines(rows: Any) -> bytes:
 async def budgets(request: web.Request) -> web.Response:
     _authorized(request)
     rt = request.app[APP_RUNTIME]
-    return json_response(await rt.budgets.status() if rt.budgets is not None else [])
+    try:
+        return json_response(await rt.budgets.status() if rt.budgets is not None else [])
+    except LedgerUnavailable as exc:
+        return web.Response(status=503, content_type="application/json",
+                            body=orjson.dumps({"error": str(exc)}))
 
 
 async def reload(request: web.Request) -> web.Response:

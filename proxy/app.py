@@ -16,7 +16,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from proxy import admin
+from proxy import admin, tokens
 from proxy.config import Settings
 from proxy.keys import APP_RUNTIME, APP_SESSION
 from proxy.pipeline import handle
@@ -43,6 +43,9 @@ def _runtime_ctx(settings: Settings, clock: Callable[[], datetime] | None):
         rt = await loop.run_in_executor(None, build_runtime, settings, clock)
         await loop.run_in_executor(None, rt.writer.start)
         await rebuild_budgets(rt)
+        # Load the tokenizers now, not on the first call that needs an estimate.
+        await asyncio.gather(*(loop.run_in_executor(None, tokens.get_encoding, name)
+                               for name in tokens.EXPECTED_SHA256))
         app[APP_RUNTIME] = rt
         log.info("started", config=settings.source, usage_log=settings.storage.usage_log,
                  providers=sorted(rt.upstreams), auth=settings.auth.mode,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -132,6 +132,8 @@ class Alerts:
         self.webhook_url = webhook_url
         self.spawn = spawn
         self.fired: set[tuple[str, Decimal]] = set()
+        # A shared ledger's claim_alert: once across instances, not once per instance.
+        self.claim: Callable[[str, Decimal], Awaitable[bool]] | None = None
         self.utilisation: dict[str, tuple[Budget, str, float]] = {}
         self.session: aiohttp.ClientSession | None = None
 
@@ -157,6 +159,23 @@ class Alerts:
                  "limit_usd": None if budget.limit_usd is None else str(budget.limit_usd),
                  "spent_tokens": balance.spent_tokens, "limit_tokens": budget.limit_tokens,
                  "threshold": float(threshold)}
+        if self.claim is None:
+            self._announce(event)
+        else:
+            self.spawn(self._claim_then_announce(hold_key, threshold, event))
+
+    async def _claim_then_announce(self, hold_key: str, threshold: Decimal,
+                                   event: dict[str, Any]) -> None:
+        """With a shared ledger, only the instance that claims the alert announces it."""
+        assert self.claim is not None
+        try:
+            won = await self.claim(hold_key, threshold)
+        except LedgerUnavailable:
+            won = True  # better twice than never
+        if won:
+            self._announce(event)
+
+    def _announce(self, event: dict[str, Any]) -> None:
         log.warning("budget_alert", **event)
         if self.webhook_url and self.session is not None:
             self.spawn(self._post(event))

@@ -164,7 +164,9 @@ def build_budgets(rt: Runtime, ledger: Ledger) -> Budgets | None:
         return None
     if hasattr(ledger, "on_lost"):  # a shared ledger that restarted empty asks for a rebuild
         ledger.on_lost = lambda: rebuild_budgets(rt)
-    return Budgets(found, ledger, rt.prices, rt.settings, rt.spawn, rt.now)
+    budgets = Budgets(found, ledger, rt.prices, rt.settings, rt.spawn, rt.now)
+    budgets.alerts.claim = getattr(ledger, "claim_alert", None)
+    return budgets
 
 
 async def rebuild_budgets(rt: Runtime) -> None:
