@@ -25,9 +25,9 @@ from aiohttp import web
 
 from proxy import dashboard, query
 from proxy.keys import APP_RUNTIME
-from proxy.storage import LedgerUnavailable
 from proxy.report import build_report, render_text
 from proxy.runtime import reload_from_source
+from proxy.storage import LedgerUnavailable
 from proxy.storage.readers import open_reader
 from proxy.timeparse import parse_time
 

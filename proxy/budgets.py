@@ -26,6 +26,7 @@ from proxy import tokens
 from proxy.config import BudgetConfig, Settings
 from proxy.errors import Kind, MeterError
 from proxy.pricing import PriceBook, cost
+from proxy.query import SQLITE, SqlFlavor
 from proxy.storage import LedgerUnavailable
 from proxy.storage.ledger import ZERO, Balance, Hold, Ledger
 from proxy.usage import Usage
@@ -366,32 +367,43 @@ def status_row(budget: Budget, scope: str, balance: Balance,
     }
 
 
-def spend_from_log(conn: Any, budgets: list[Budget], now: datetime
-                   ) -> dict[tuple[str, str], tuple[Decimal, int]]:
-    """Each current budget period's spend, summed exactly from the usage log (by hour)."""
-    starts = [b.bounds(now)[0] for b in budgets]
-    if not starts:
+def spend_from_log(conn: Any, budgets: list[Budget], now: datetime,
+                   flavor: SqlFlavor = SQLITE) -> dict[tuple[str, str], tuple[Decimal, int]]:
+    """Each current budget period's spend, summed exactly from the usage log.
+
+    Rows are grouped only by the dimensions some budget scopes on, and by hour (so each
+    lands in its own period, whatever the budget's time zone): on a large log that keeps
+    the start-up rebuild to one indexed range scan and a small aggregate.
+    """
+    if not budgets:
         return {}
-    since = min(starts).strftime("%Y-%m-%dT%H")  # digits, '-' and 'T': safe as a literal
-    # One statement for SQLite and PostgreSQL: a literal (their placeholders differ), BIGINT
-    # (64-bit in both), and tags read as text (JSONB on PostgreSQL).
-    sql = ("SELECT key_name, customer, feature, CAST(tags AS TEXT), substr(ts, 1, 13) AS hour, "
-           "sum(CAST(round(coalesce(cost_usd, 0) * 1e10) AS BIGINT)), "
+    since = min(b.bounds(now)[0] for b in budgets).strftime("%Y-%m-%dT%H")
+    dims = sorted({dim for b in budgets for dim, _ in b.scope})
+    exprs, params = [], []
+    for dim in dims:
+        if dim.startswith("tag:"):
+            sql, extra = flavor.tag(dim[4:])
+            exprs.append(sql)
+            params += extra
+        else:
+            exprs.append("key_name" if dim == "key" else dim)
+    n = len(dims)
+    sql = (f"SELECT {''.join(e + ', ' for e in exprs)}substr(ts, 1, 13), "
+           f"sum({flavor.cost_units}), "
            "sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens) "
-           f"FROM usage WHERE ts >= '{since}' GROUP BY 1, 2, 3, 4, 5")
+           f"FROM usage WHERE ts >= {flavor.param} "
+           f"GROUP BY {', '.join(str(i + 1) for i in range(n + 1))}")
     totals: dict[tuple[str, str], tuple[Decimal, int]] = {}
     units = Decimal("1e-10")
-    for key_name, customer, feature, tags, hour, cost_units, count in conn.execute(sql):
-        at = datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=UTC)
-        attrs = call_attrs(key_name, customer, feature, orjson.loads(tags) if tags else None)
-        for budget in budgets:
+    periods = [(b, *b.bounds(now)) for b in budgets]
+    for row in conn.execute(sql, [*params, since]):
+        attrs = dict(zip(dims, row[:n], strict=True))
+        at = datetime.strptime(row[n], "%Y-%m-%dT%H").replace(tzinfo=UTC)
+        for budget, start, end in periods:
             scope = budget.concrete_scope(attrs)
-            if scope is None:
-                continue
-            start, end = budget.bounds(now)
-            if at < start or (end is not None and at >= end):
+            if scope is None or at < start or (end is not None and at >= end):
                 continue
             k = (budget.key(scope, start), scope)
-            usd, n = totals.get(k, (ZERO, 0))
-            totals[k] = (usd + Decimal(cost_units or 0) * units, n + int(count or 0))
+            usd, count = totals.get(k, (ZERO, 0))
+            totals[k] = (usd + Decimal(row[n + 1] or 0) * units, count + int(row[n + 2] or 0))
     return totals

@@ -262,9 +262,9 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     budgets = budgets_from(settings)
     now = datetime.now(UTC)
-    conn = _log_connection(settings)
+    conn, flavor = open_reader(settings.storage.usage_log)
     try:
-        totals = spend_from_log(conn, budgets, now)
+        totals = spend_from_log(conn, budgets, now, flavor)
     finally:
         conn.close()
     rows = []

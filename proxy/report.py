@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -227,10 +227,3 @@ def budget_table(rows: list[dict[str, Any]]) -> str:
         "forecast": usd(b["forecast_usd"]),
         "runs out": b["exhausted_on"] or ("at risk" if b["at_risk"] else "-"),
         "resets": b["resets_at"][:10]} for b in rows])
-
-
-def relative_since(text: str | None, now: datetime, default_days: int = 30) -> datetime:
-    """The report's start: an explicit time, or `default_days` before now."""
-    from proxy.timeparse import parse_time
-
-    return parse_time(text, now) if text else now - timedelta(days=default_days)

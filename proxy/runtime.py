@@ -176,9 +176,9 @@ async def rebuild_budgets(rt: Runtime) -> None:
     budgets, storage = rt.budgets, rt.settings.storage
 
     def read() -> dict:
-        conn, _ = open_reader(storage.usage_log)
+        conn, flavor = open_reader(storage.usage_log)
         try:
-            return spend_from_log(conn, budgets.budgets, rt.now())
+            return spend_from_log(conn, budgets.budgets, rt.now(), flavor)
         finally:
             conn.close()
 

@@ -164,7 +164,7 @@ def test_responses_api_stream_and_not(stack: Stack, client) -> None:
     before = len(stack.rows())
     result = client.responses.create(model="gpt-4.1", input="What does a meter do?")
     events = list(client.responses.create(model="gpt-4.1", input="Again", stream=True))
-    completed = [e for e in events if e.type == "response.completed"][0]
+    (completed,) = [e for e in events if e.type == "response.completed"]
     rows = stack.rows(before + 2)[before:]
     assert rows[0]["endpoint"] == "responses" and rows[1]["stream"] == 1
     assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (

@@ -261,7 +261,8 @@ def test_query_layer_gives_the_same_answers_on_both(table: str, tmp_path: Path) 
             {"scope": {"tag:team": "a"}, "period": "week", "limit_usd": 1}]}, "<test>")
         now = datetime(2026, 10, 14, 12, tzinfo=UTC)
         budgets = budgets_from(settings)
-        assert spend_from_log(pg, budgets, now) == spend_from_log(lite, budgets, now) != {}
+        assert spend_from_log(pg, budgets, now, pg_flavor) == spend_from_log(
+            lite, budgets, now, lite_flavor) != {}
     finally:
         lite.close()
         pg.close()
