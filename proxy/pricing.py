@@ -34,6 +34,7 @@ MODEL_KEYS = {"aliases", "prices", "max_output_tokens", "context_window", "note"
 TABLE_KEYS = {"provider", "source", "checked", "note", "models"}
 _DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{4}|@\d{8})$")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CACHE_LIMIT = 10_000
 
 
 class PricingError(ValueError):
@@ -276,6 +277,9 @@ class PriceBook:
                 for name in (model.name, *model.aliases):
                     self._index[(table, name.lower())] = model
         self.overrides = _parse_overrides(overrides or {})
+        # Resolved names and built prices, so a call's lookup is two dict hits.
+        self._resolved: dict[tuple[str, tuple[str | None, ...]], ModelPrices | None] = {}
+        self._prices: dict[tuple[int, str | None], Price] = {}
 
     @classmethod
     def load(cls, directory: str | Path | None = None,
@@ -291,12 +295,21 @@ class PriceBook:
 
     def model(self, table: str, names: Iterable[str | None]) -> ModelPrices | None:
         """The table entry for the first of `names` it knows (exact, alias, then undated)."""
-        for name in names:
+        key = (table, tuple(names))
+        if key in self._resolved:
+            return self._resolved[key]
+        found = None
+        for name in key[1]:
             for candidate in _candidates(name):
                 found = self._index.get((table, candidate))
                 if found is not None:
-                    return found
-        return None
+                    break
+            if found is not None:
+                break
+        if len(self._resolved) >= _CACHE_LIMIT:  # model names come from clients: bound it
+            self._resolved.clear()
+        self._resolved[key] = found
+        return found
 
     def lookup(self, table: str, names: Iterable[str | None], when: datetime) -> Price | None:
         """The price in force at `when` for the first model name this table knows."""
@@ -306,15 +319,24 @@ class PriceBook:
         period = model.at(when)
         if period is None:
             return None
+        applied = None
+        if self.overrides:
+            for key in (f"{table}/{model.name}", table):
+                override = self.overrides.get(key)
+                if override is not None and override.effective_from <= when:
+                    applied = key
+                    break
+        cached = self._prices.get((id(period), applied))
+        if cached is not None:
+            return cached
         version = f"{table}.yaml@{period.effective_from:%Y-%m-%d}+{self.digest}"
         rates = period.rates
-        for key in (f"{table}/{model.name}", table):
-            override = self.overrides.get(key)
-            if override is not None and override.effective_from <= when:
-                rates = override.apply(rates)
-                version = (f"{version};override:{key}@{override.effective_from:%Y-%m-%d}")
-                break
-        return Price(model, period, version, rates)
+        if applied is not None:
+            override = self.overrides[applied]
+            rates = override.apply(rates)
+            version = f"{version};override:{applied}@{override.effective_from:%Y-%m-%d}"
+        price = self._prices[(id(period), applied)] = Price(model, period, version, rates)
+        return price
 
     def models(self, table: str | None = None) -> Iterator[ModelPrices]:
         for name, models in sorted(self.tables.items()):

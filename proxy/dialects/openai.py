@@ -28,6 +28,12 @@ _METERED = (
 _DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 _DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta",
                      "response.function_call_arguments.delta"})
+# Byte patterns that pick out the events worth parsing as they pass. JSON escapes quotes
+# inside strings, so model output can never forge them; a provider that writes spaces in
+# its JSON just gets every event parsed.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_RESPONSES_DELTA = re.compile(
+    rb'"type":"response\.(?:output_text|refusal|function_call_arguments)\.delta"')
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _ERRORS = {
     Kind.INVALID_REQUEST: ("invalid_request_error", None),
@@ -168,7 +174,8 @@ class OpenAIDialect:
 class _StreamMeter:
     """Reads chat/completions chunks or responses events, hiding the usage chunk on request."""
 
-    __slots__ = ("_hide", "_responses", "_split", "_tally", "metered")
+    __slots__ = ("_deferred", "_deferred_size", "_hide", "_responses", "_split", "_tally",
+                 "metered")
 
     def __init__(self, call: Call) -> None:
         self._split = SSESplitter()
@@ -176,6 +183,10 @@ class _StreamMeter:
         self._responses = call.endpoint == "responses"
         self._tally = TextTally(call.model)
         self.metered = Metered(text=self._tally)
+        # Content events are read only if usage never comes (their text is then estimated):
+        # most streams end with usage, so most events are never parsed at all.
+        self._deferred: list[bytes] = []
+        self._deferred_size = 0
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._split.feed(chunk)
@@ -187,16 +198,47 @@ class _StreamMeter:
 
     def finish(self) -> tuple[bytes, Metered]:
         tail = self._split.tail()
-        if tail.strip():
-            hidden = self._read(tail)
-            return (tail if self._hide and not hidden else b""), self.metered
-        return (tail if self._hide else b""), self.metered
+        owed = tail if self._hide else b""
+        if tail.strip() and self._read(tail):
+            owed = b""
+        if self.metered.usage is None:
+            self._catch_up()
+        return owed, self.metered
+
+    def _defer(self, data: bytes) -> None:
+        self._deferred.append(data)
+        self._deferred_size += len(data)
+        if self._deferred_size > TextTally.FOLD_CHARS:  # bounded memory on long streams
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Read the deferred content events' text into the tally."""
+        for data in self._deferred:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                self.metered.error = "malformed event in the stream"
+                continue
+            if isinstance(obj, dict):
+                if self._responses:
+                    self._tally.add(obj.get("delta"))
+                else:
+                    self._tally_choices(obj.get("choices"))
+        self._deferred.clear()
+        self._deferred_size = 0
 
     def _read(self, raw: bytes) -> bool:
         """Note what one event says; True when the client must not see it."""
-        event = parse_event(raw)
-        data = event.data
+        data = parse_event(raw).data
         if not data or data == b"[DONE]":
+            return False
+        if self._responses:
+            if _RESPONSES_DELTA.search(data):
+                self._defer(data)
+                return False
+        elif self.metered.response_model is not None and b'"error"' not in data \
+                and _USAGE_OBJECT.search(data) is None:
+            self._defer(data)
             return False
         try:
             obj = orjson.loads(data)
@@ -214,23 +256,25 @@ class _StreamMeter:
         if self.metered.response_model is None:
             self.metered.response_model = _str(obj.get("model"))
         choices = obj.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if isinstance(choice, dict):
-                    delta = choice.get("delta")
-                    if isinstance(delta, dict):
-                        self._tally.add(delta.get("content"))
-                        self._tally.add(delta.get("refusal"))
-                        for tool in delta.get("tool_calls") or ():
-                            if isinstance(tool, dict):
-                                self._tally.add(sub(tool, "function").get("arguments"))
-                    else:
-                        self._tally.add(choice.get("text"))
+        self._tally_choices(choices)
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.metered.usage = _usage("chat.completions", usage, obj.get("service_tier"))
             return self._hide and not choices
         return False
+
+    def _tally_choices(self, choices: Any) -> None:
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    self._tally.add(delta.get("content"))
+                    self._tally.add(delta.get("refusal"))
+                    for tool in delta.get("tool_calls") or ():
+                        if isinstance(tool, dict):
+                            self._tally.add(sub(tool, "function").get("arguments"))
+                else:
+                    self._tally.add(choice.get("text"))
 
     def _read_responses(self, obj: dict) -> None:
         kind = obj.get("type")

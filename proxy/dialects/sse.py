@@ -35,13 +35,14 @@ class SSESplitter:
         buf = self._pending + chunk if self._pending else chunk
         events: list[bytes] = []
         start = 0
-        while True:
-            m = _BOUNDARY.search(buf, start)
-            if m is None:
-                break
-            end = m.end()
-            events.append(buf[start:end])
-            start = end
+        if b"\r" not in buf:  # the common case: LF only, a plain find beats the regex
+            while (end := buf.find(b"\n\n", start)) >= 0:
+                events.append(buf[start:end + 2])
+                start = end + 2
+        else:
+            while (m := _BOUNDARY.search(buf, start)) is not None:
+                events.append(buf[start:m.end()])
+                start = m.end()
         rest = buf[start:]
         # A CR at the very end may be the first half of CR LF: it stays pending either way.
         if len(rest) > MAX_PENDING:
@@ -56,6 +57,10 @@ class SSESplitter:
 
 def parse_event(raw: bytes) -> Event:
     """Read the `event:` and `data:` fields of one raw event; comments are ignored."""
+    if raw[:6] == b"data: " and b"\r" not in raw:  # the common case: one data line
+        body = raw[6:].rstrip(b"\n")
+        if b"\n" not in body:
+            return Event("", body)
     name = ""
     data: list[bytes] = []
     for line in _LINE.split(raw):

@@ -19,6 +19,7 @@ MAX_VALUE = 256
 TAG_NAME = re.compile(r"[a-z0-9_.-]{1,64}")
 _TAG_PREFIX = "x-meter-tag-"
 _HELICONE_PREFIX = "helicone-property-"
+_ANY_PREFIX = ("x-meter-", "helicone-", "x-portkey-metadata", "cf-aig-metadata")
 _COLUMNS = {"x-meter-customer": "customer", "x-meter-feature": "feature",
             "x-meter-trace-id": "trace_id"}
 
@@ -30,6 +31,8 @@ def attribute(x: Exchange) -> None:
     strip: list[str] = []
     for name, value in x.headers.items():
         lower = name.lower()
+        if not lower.startswith(_ANY_PREFIX):
+            continue
         if lower in _COLUMNS:
             setattr(x, _COLUMNS[lower], _value(value, name))
             strip.append(name)
