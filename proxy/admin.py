@@ -52,19 +52,16 @@ PAGE_HEADERS = {"Cache-Control": "no-store", "X-Frame-Options": "DENY",
                                            "form-action 'self'; frame-ancestors 'none'"}
 
 
-def add_routes(app: web.Application) -> None:
-    app[APP_REPORTS] = ReportCache()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/_meter/", dashboard_page)
-    app.router.add_get("/_meter", to_dashboard)
-    app.router.add_get("/_meter/usage", usage)
-    app.router.add_get("/_meter/usage/{id}", usage_row)
-    app.router.add_get("/_meter/budgets", budgets)
-    app.router.add_get("/_meter/report", report)
-    app.router.add_get("/_meter/forecast", forecast_view)
-    app.router.add_get("/_meter/export.csv", export_csv)
-    app.router.add_post("/_meter/reload", reload)
+def _not_allowed(allowed: set[str]) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        raise web.HTTPMethodNotAllowed(request.method, allowed, content_type="application/json",
+                                       text='{"error": "method not allowed here"}')
+    return handler
+
+
+async def _no_such_path(request: web.Request) -> web.Response:
+    raise web.HTTPNotFound(text='{"error": "no such admin path"}',
+                           content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -121,8 +118,8 @@ def _usage_query(request: web.Request) -> query.UsageQuery:
             group_by=[g for g in params.get("group_by", "").split(",") if g],
             where=where, exclude=exclude,
             order_by=params.get("order_by") or None,
-            limit=int(params["limit"]) if params.get("limit") else None,
-            durations=params.get("durations", "") in ("1", "true", "yes"),
+            limit=_whole(params, "limit", 0, None),
+            durations=_flag(params, "durations"),
         )
     except ValueError as exc:
         raise _bad_request(str(exc)) from None
@@ -150,7 +147,10 @@ async def report(request: web.Request) -> web.Response:
     """The report as JSON (or `?format=text`), `?since=` (default 30d), `until=`, `top=`."""
     _authorized(request)
     data = await _report(request)
-    if request.query.get("format") == "text":
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "text"):
+        raise _bad_request("format takes json or text")
+    if fmt == "text":
         return web.Response(text=render_text(data) + "\n", content_type="text/plain")
     return json_response(data)
 
@@ -169,10 +169,33 @@ async def forecast_view(request: web.Request) -> web.Response:
 
 
 def _top(request: web.Request) -> int:
+    return _whole(request.query, "top", 1, 1000) or 10
+
+
+def _whole(params: Any, name: str, low: int, high: int | None) -> int | None:
+    """An optional whole-number parameter within bounds; anything else is a 400."""
+    text = params.get(name)
+    if not text:
+        return None
     try:
-        return max(1, min(int(request.query.get("top", "10")), 1000))
+        value = int(text)
     except ValueError:
-        raise _bad_request("top takes a whole number") from None
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        bound = f"{low} to {high}" if high is not None else f"at least {low}"
+        raise _bad_request(f"{name} takes a whole number, {bound}")
+    return value
+
+
+def _flag(params: Any, name: str) -> bool:
+    text = params.get(name, "").lower()
+    if text not in _FLAGS:
+        raise _bad_request(f"{name} takes one of {', '.join(sorted(v for v in _FLAGS if v))}")
+    return _FLAGS[text]
+
+
+_FLAGS = {"": False, "0": False, "false": False, "no": False, "1": True, "true": True,
+          "yes": True}
 
 
 async def _report(request: web.Request) -> dict[str, Any]:
@@ -323,3 +346,42 @@ def _default(value: Any) -> Any:
 def json_response(data: Any) -> web.Response:
     return web.Response(body=orjson.dumps(data, default=_default),
                         content_type="application/json")
+
+
+_USAGE_PARAMS = ("since", "until", "group_by", "where", "order_by", "limit", "durations")
+# (method, path, handler, the query parameters it takes): anything else is a 400, as an
+# unknown config key is an error, so a typo never silently changes an answer.
+ROUTES: tuple[tuple[str, str, Any, tuple[str, ...]], ...] = (
+    ("GET", "/healthz", healthz, ()),
+    ("GET", "/metrics", metrics, ()),
+    ("GET", "/_meter/", dashboard_page, ("key", "since", "until", "top")),
+    ("GET", "/_meter", to_dashboard, ()),
+    ("GET", "/_meter/usage", usage, _USAGE_PARAMS),
+    ("GET", "/_meter/usage/{id}", usage_row, ()),
+    ("GET", "/_meter/budgets", budgets, ()),
+    ("GET", "/_meter/report", report, ("since", "until", "top", "format")),
+    ("GET", "/_meter/forecast", forecast_view, ("top",)),
+    ("GET", "/_meter/export.csv", export_csv, (*_USAGE_PARAMS, "columns")),
+    ("POST", "/_meter/reload", reload, ()),
+)
+
+
+def add_routes(app: web.Application) -> None:
+    """The admin routes; other methods on them are a 405, unknown /_meter/ paths a 404."""
+    app[APP_REPORTS] = ReportCache()
+    for method, path, handler, params in ROUTES:
+        app.router.add_route(method, path, _checked(handler, frozenset(params)))
+    for path in dict.fromkeys(path for _, path, _, _ in ROUTES):
+        allowed = {m for m, p, _, _ in ROUTES if p == path}
+        app.router.add_route("*", path, _not_allowed(allowed))
+    app.router.add_route("*", "/_meter/{tail:.*}", _no_such_path)
+
+
+def _checked(handler: Any, params: frozenset[str]) -> Any:
+    async def checked(request: web.Request) -> web.StreamResponse:
+        unknown = [name for name in request.query if name not in params]
+        if unknown:
+            raise _bad_request(f"unknown parameter {unknown[0]!r}"
+                               + (f" (known here: {', '.join(sorted(params))})" if params else ""))
+        return await handler(request)
+    return checked
