@@ -89,7 +89,11 @@ def get_encoding(name: str) -> tiktoken.Encoding:
             spec: dict[str, Any] = getattr(openai_public, name)()
         finally:
             openai_public.load_tiktoken_bpe = original
-        return tiktoken.Encoding(**spec)
+        encoding = tiktoken.Encoding(**spec)
+        # The Rust core keeps its own copy of the ranks; the Python dict (tens of MB) serves
+        # only decoding helpers we never call, so let it go.
+        encoding._mergeable_ranks = {}
+        return encoding
 
 
 def count_text(text: str, model: str | None = None) -> int:
