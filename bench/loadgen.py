@@ -214,7 +214,7 @@ def meterproxy_service(tmp: Path, provider_port: int, budget: bool = False
     return service, db
 
 
-def litellm_service(tmp: Path, provider_port: int) -> Service:
+def litellm_service(tmp: Path, provider_port: int, python: str = sys.executable) -> Service:
     """The LiteLLM proxy with one model routed to the fake provider (no database)."""
     port = free_port()
     config = {"model_list": [{"model_name": "gpt-4o-mini", "litellm_params": {
@@ -222,7 +222,7 @@ def litellm_service(tmp: Path, provider_port: int) -> Service:
         "api_key": PROVIDER_KEY}}]}
     path = tmp / "litellm.yaml"
     path.write_text(yaml.safe_dump(config))
-    argv = [sys.executable, "-c", "from litellm.proxy.proxy_cli import run_server; run_server()",
+    argv = [python, "-c", "from litellm.proxy.proxy_cli import run_server; run_server()",
             "--host", HOST, "--port", str(port), "--config", str(path), "--num_workers", "1"]
     return Service(LITELLM, argv, port, tmp / "litellm.log")
 
@@ -649,10 +649,10 @@ def services(tmp: Path, args: argparse.Namespace,
             service.wait_ready(60)
         if args.no_litellm:
             skipped[LITELLM] = "--no-litellm"
-        elif importlib.util.find_spec("litellm") is None:
+        elif not args.litellm_python and importlib.util.find_spec("litellm") is None:
             skipped[LITELLM] = "litellm is not installed"
         else:
-            litellm = litellm_service(tmp, provider.port)
+            litellm = litellm_service(tmp, provider.port, args.litellm_python or sys.executable)
             litellm.start()
             started.append(litellm)
             try:
@@ -754,6 +754,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", action="store_true",
                         help="give meterproxy's key a (never reached) monthly budget")
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM even if installed")
+    parser.add_argument("--litellm-python", default="",
+                        help="a Python with litellm[proxy] installed (e.g. in its own venv, "
+                             "as its dependencies clash with the test extras)")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]

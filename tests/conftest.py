@@ -250,3 +250,36 @@ class Served:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+
+
+class Webhook:
+    """A real loopback server that records the JSON bodies POSTed to it (on a stack's loop)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.received: list[dict[str, Any]] = []
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        self.received.append(await request.json())
+        return web.Response(status=204)
+
+    def start(self, stack: Stack) -> None:
+        async def start() -> web.AppRunner:
+            app = web.Application()
+            app.router.add_post("/hook", self._hook)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            return runner
+
+        self.stack = stack
+        self.runner = stack.call(start())
+
+    def wait(self, count: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.stack.call(self.runner.cleanup())

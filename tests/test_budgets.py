@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from aiohttp import web
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
@@ -22,7 +20,7 @@ from google.genai import types as genai_types
 from proxy import tokens
 from proxy.cli import main
 from proxy.simulator import Scenario
-from tests.conftest import OTHER_KEY, VIRTUAL_KEY, Stack, free_port, http, sha
+from tests.conftest import OTHER_KEY, VIRTUAL_KEY, Stack, Webhook, http, sha
 
 PROMPT = "How much budget is left for the search feature this month?"
 MAX_TOKENS = 100
@@ -210,45 +208,28 @@ def test_restart_mid_period_keeps_the_spend(tmp_path: Path) -> None:
 
 def test_alert_thresholds_fire_once_with_webhook(tmp_path: Path) -> None:
     """50% and 100% alerts each fire once, as a POST to a real loopback webhook."""
-    received: list[dict] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        received.append(await request.json())
-        return web.Response(status=204)
-
-    port = free_port()
+    hook = Webhook()
     cost = call_cost()
     stack = budget_stack(tmp_path, [{"name": "acme-monthly", "scope": {"customer": "acme"},
                                      "period": "month", "limit_usd": float(4 * cost),
                                      "enforce": "alert_only"}],
-                         alerts={"thresholds": [0.5, 1.0],
-                                 "webhook_url": f"http://127.0.0.1:{port}/hook"})
-
-    async def start_hook() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_post("/hook", hook)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    runner = stack.call(start_hook())
+                         alerts={"thresholds": [0.5, 1.0], "webhook_url": hook.url})
+    hook.start(stack)
     try:
         stack.sim.then(Scenario(usage=exact_usage(), repeat=6))
         client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
         for i in range(6):  # alert_only: the fifth and sixth calls go through too
             chat(client, **{"X-Meter-Customer": "acme"})
             stack.rows(i + 1)
-        deadline = time.monotonic() + 10
-        while len(received) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        hook.wait(2)
         stack.rows(6)
-        assert [a["threshold"] for a in received] == [0.5, 1.0]
-        assert received[0]["name"] == "acme-monthly" and received[0]["period"] == "month"
-        assert Decimal(received[1]["spent_usd"]) == 4 * cost
+        assert [a["threshold"] for a in hook.received] == [0.5, 1.0]
+        assert hook.received[0]["name"] == "acme-monthly"
+        assert hook.received[0]["period"] == "month"
+        assert Decimal(hook.received[1]["spent_usd"]) == 4 * cost
         assert len(stack.sim.received) == 6
     finally:
-        stack.call(runner.cleanup())
+        hook.stop()
         stack.close()
 
 

@@ -7,42 +7,25 @@ from decimal import Decimal
 from pathlib import Path
 
 import openai
-from aiohttp import web
 
 from proxy.simulator import Scenario
-from tests.conftest import VIRTUAL_KEY, Stack, free_port
+from tests.conftest import VIRTUAL_KEY, Stack, Webhook
 from tests.scale import REDIS_URL, redis_prefix
 from tests.test_budgets import call_cost, chat, exact_usage
 
 
 def test_two_instances_announce_each_threshold_once(tmp_path: Path) -> None:
     """Calls spread over two proxies cross 50% and 100%: the webhook hears each once."""
-    received: list[dict] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        received.append(await request.json())
-        return web.Response(status=204)
-
-    port = free_port()
+    hook = Webhook()
     cost = call_cost()
     with redis_prefix() as prefix:
         config = {"storage": {"ledger": f"{REDIS_URL}?prefix={prefix}"},
                   "budgets": [{"scope": {"customer": "acme"}, "period": "month",
                                "limit_usd": float(4 * cost), "enforce": "alert_only"}],
-                  "alerts": {"thresholds": [0.5, 1.0],
-                             "webhook_url": f"http://127.0.0.1:{port}/hook"}}
+                  "alerts": {"thresholds": [0.5, 1.0], "webhook_url": hook.url}}
         a = Stack(tmp_path / "a", config)
         b = Stack(tmp_path / "b", config)
-
-        async def start_hook() -> web.AppRunner:
-            app = web.Application()
-            app.router.add_post("/hook", hook)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            return runner
-
-        runner = a.call(start_hook())
+        hook.start(a)
         try:
             for i, stack in enumerate((a, b, a, b, a, b)):
                 stack.sim.then(Scenario(usage=exact_usage()))
@@ -50,15 +33,13 @@ def test_two_instances_announce_each_threshold_once(tmp_path: Path) -> None:
                                        max_retries=0)
                 chat(client, **{"X-Meter-Customer": "acme"})
                 stack.rows(i // 2 + 1)
-            deadline = time.monotonic() + 10
-            while len(received) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            hook.wait(2)
             time.sleep(0.3)  # room for a duplicate to arrive, were there one
             a.rows()
             b.rows()
         finally:
-            a.call(runner.cleanup())
+            hook.stop()
             a.close()
             b.close()
-    assert sorted(alert["threshold"] for alert in received) == [0.5, 1.0]
-    assert Decimal(received[-1]["spent_usd"]) >= 4 * cost
+    assert sorted(alert["threshold"] for alert in hook.received) == [0.5, 1.0]
+    assert Decimal(hook.received[-1]["spent_usd"]) >= 4 * cost

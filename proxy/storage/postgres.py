@@ -19,6 +19,7 @@ import structlog
 
 from proxy.storage import LogUnavailable
 from proxy.storage.row import COLUMNS, UsageRow
+from proxy.storage.schema import AGGREGATED, COVERING, VIEWS
 
 log = structlog.get_logger("meterproxy.usage_log")
 
@@ -81,31 +82,12 @@ def m001_usage(conn: psycopg.Connection) -> None:
 
 # Views for psql and BI tools: plain sums, rounded for reading; `meterproxy usage` gives
 # the exact ones. The same views as SQLite's m002_views.
-SPEND_COLUMNS = """count(*) AS calls,
-        sum(input_tokens) AS input_tokens,
-        sum(cached_input_tokens) AS cached_input_tokens,
-        sum(cache_write_tokens) AS cache_write_tokens,
-        sum(output_tokens) AS output_tokens,
-        sum(reasoning_tokens) AS reasoning_tokens,
-        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
-        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls"""
-
-
 @migration
 def m002_views(conn: psycopg.Connection) -> None:
-    conn.execute(f"""CREATE VIEW daily_spend AS
-        SELECT substr(ts, 1, 10) AS day, {SPEND_COLUMNS}
-        FROM usage GROUP BY 1 ORDER BY 1""")
-    for dim in ("customer", "feature"):
-        conn.execute(f"""CREATE VIEW spend_by_{dim} AS
-            SELECT substr(ts, 1, 7) AS month, {dim}, {SPEND_COLUMNS}
-            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC""")
+    for statement in VIEWS:
+        conn.execute(statement)
 
 
-# The columns a usage query sums (as SQLite's AGGREGATED), carried in the covering indexes.
-AGGREGATED = ("outcome", "priced", "input_tokens", "cached_input_tokens", "cache_write_tokens",
-              "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "cost_usd",
-              "duration_ms")
 
 
 @migration
@@ -114,9 +96,7 @@ def m003_query_indexes(conn: psycopg.Connection) -> None:
     # summed columns ride along with INCLUDE), replacing the narrower (column, ts)
     # indexes; day buckets, refusals, unpriced calls and traces are indexed too.
     payload = ", ".join(AGGREGATED)
-    for column, others in (("customer", "feature, provider, model"),
-                           ("feature", "customer, provider, model"),
-                           ("model", "provider, customer, feature")):
+    for column, others in COVERING:
         conn.execute(f"DROP INDEX idx_usage_{column}_ts")
         conn.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage "
                      f"({column}, ts, {others}) INCLUDE ({payload})")

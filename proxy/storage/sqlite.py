@@ -13,6 +13,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from proxy.storage.row import COLUMNS, UsageRow
+from proxy.storage.schema import AGGREGATED, COVERING, VIEWS
 
 migrations = Migrations("meterproxy")
 
@@ -60,31 +61,12 @@ def m001_usage(db: sqlite_utils.Database) -> None:
 
 # Views for Datasette and sqlite-utils users: plain SQL sums (floats), rounded for reading;
 # `meterproxy usage` gives the exact ones.
-SPEND_COLUMNS = """count(*) AS calls,
-        sum(input_tokens) AS input_tokens,
-        sum(cached_input_tokens) AS cached_input_tokens,
-        sum(cache_write_tokens) AS cache_write_tokens,
-        sum(output_tokens) AS output_tokens,
-        sum(reasoning_tokens) AS reasoning_tokens,
-        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
-        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls"""
-
-
 @migrations()
 def m002_views(db: sqlite_utils.Database) -> None:
-    db.execute(f"""CREATE VIEW daily_spend AS
-        SELECT substr(ts, 1, 10) AS day, {SPEND_COLUMNS}
-        FROM usage GROUP BY 1 ORDER BY 1""")
-    for dim in ("customer", "feature"):
-        db.execute(f"""CREATE VIEW spend_by_{dim} AS
-            SELECT substr(ts, 1, 7) AS month, {dim}, {SPEND_COLUMNS}
-            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC""")
+    for statement in VIEWS:
+        db.execute(statement)
 
 
-# The columns a usage query sums, so an index holding them answers it without the table.
-AGGREGATED = ("outcome", "priced", "input_tokens", "cached_input_tokens", "cache_write_tokens",
-              "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "cost_usd",
-              "duration_ms")
 
 
 @migrations()
@@ -93,9 +75,7 @@ def m003_query_indexes(db: sqlite_utils.Database) -> None:
     # reads a covering index in group order: no table reads, no sort. They replace the
     # narrower (customer, ts), (feature, ts) and (model, ts) indexes, which they include.
     payload = ", ".join(AGGREGATED)
-    for column, others in (("customer", "feature, provider, model"),
-                           ("feature", "customer, provider, model"),
-                           ("model", "provider, customer, feature")):
+    for column, others in COVERING:
         db.execute(f"DROP INDEX idx_usage_{column}_ts")
         db.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage "
                    f"({column}, ts, {others}, {payload})")
