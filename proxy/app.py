@@ -46,7 +46,7 @@ def _runtime_ctx(settings: Settings, clock: Callable[[], datetime] | None):
         if rt.budgets is not None:
             # Every call will be estimated: load the tokenizer now, not on the first call
             # (without budgets it loads only if a stream ends without usage: ~50 MB saved).
-            await loop.run_in_executor(None, tokens.get_encoding, "o200k_base")
+            await tokens.off_loop(tokens.get_encoding, "o200k_base")
         app[APP_RUNTIME] = rt
         log.info("started", config=settings.source, usage_log=settings.storage.usage_log,
                  providers=sorted(rt.upstreams), auth=settings.auth.mode,

@@ -270,8 +270,7 @@ class Budgets:
         texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
         model = x.call.model
         if len(x.body) > INLINE_COUNT_BYTES:
-            loop = asyncio.get_running_loop()
-            prompt = await loop.run_in_executor(None, tokens.count_texts, texts, model)
+            prompt = await tokens.off_loop(tokens.count_texts, texts, model)
         else:
             prompt = tokens.count_texts(texts, model)
         prompt += overhead

@@ -8,13 +8,16 @@ those ranks. Encodings load once, lazily, on first use.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
@@ -29,6 +32,7 @@ EXPECTED_SHA256 = {
 _CL100K_PREFIXES = ("gpt-4-", "gpt-3.5", "text-embedding-3", "text-embedding-ada", "davinci",
                     "babbage")
 _lock = threading.Lock()
+T = TypeVar("T")
 
 
 class TokenizerError(RuntimeError):
@@ -94,6 +98,17 @@ def get_encoding(name: str) -> tiktoken.Encoding:
         # only decoding helpers we never call, so let it go.
         encoding._mergeable_ranks = {}
         return encoding
+
+
+# Counting runs on one thread of its own: each thread that runs the tokenizer grows its
+# own regex caches and malloc arena, tens of MB apiece, so more threads would only cost
+# memory (estimates are rare; budgets' prompt counts are short).
+_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokens")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run a counting function on the tokenizer's thread, without blocking the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
 
 
 def count_text(text: str, model: str | None = None) -> int:

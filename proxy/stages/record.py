@@ -7,7 +7,6 @@ counted with tiktoken off the event loop, then the row is written.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 from decimal import Decimal
 
@@ -87,7 +86,7 @@ def _needs_estimate(x: Exchange) -> bool:
 
 async def _estimate_then_write(rt: Runtime, x: Exchange, duration: float) -> None:
     try:
-        x.usage = await asyncio.get_running_loop().run_in_executor(None, estimate, x)
+        x.usage = await tokens.off_loop(estimate, x)
         # partial: the answer was cut short; estimated: it ended but no usage came.
         whole = x.outcome == "ok" and x.status is not None and x.status < 400
         x.usage_source = "estimated" if whole else "partial"
