@@ -224,7 +224,11 @@ def litellm_service(tmp: Path, provider_port: int, python: str = sys.executable)
     path.write_text(yaml.safe_dump(config))
     argv = [python, "-c", "from litellm.proxy.proxy_cli import run_server; run_server()",
             "--host", HOST, "--port", str(port), "--config", str(path), "--num_workers", "1"]
-    return Service(LITELLM, argv, port, tmp / "litellm.log")
+    # As the anchors measured it: one worker, no database, no key checks (which current
+    # releases refuse without this switch), and its bundled price map (no network here).
+    env = {"LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+           "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    return Service(LITELLM, argv, port, tmp / "litellm.log", env=env)
 
 
 # --- the workload ---------------------------------------------------------------------------
