@@ -142,15 +142,14 @@ def build_runtime(settings: Settings, clock: Callable[[], datetime] | None = Non
                          interval_s=storage.flush_interval_ms / 1000,
                          batch_rows=storage.batch_rows,
                          max_backlog=storage.max_backlog_rows)
-    upstreams, keys, prices, admin_key = build_runtime_parts(settings, clock)
+    upstreams, keys, prices, admin_key = build_runtime_parts(settings)
     rt = Runtime(settings=settings, upstreams=upstreams, keys=keys, prices=prices,
                  writer=writer, admin_key=admin_key, clock=clock)
     rt.budgets = build_budgets(rt, open_ledger(storage.ledger))
     return rt
 
 
-def build_runtime_parts(settings: Settings, clock: Callable[[], datetime] | None = None
-                        ) -> tuple[dict, dict, PriceBook, str | None]:
+def build_runtime_parts(settings: Settings) -> tuple[dict, dict, PriceBook, str | None]:
     """What a configuration resolves to: upstreams, the key index, prices, the admin key."""
     return (build_upstreams(settings), key_index(settings),
             PriceBook.load(settings.pricing.dir, settings.pricing.overrides),
@@ -196,7 +195,7 @@ async def rebuild_budgets(rt: Runtime) -> None:
 def reload_settings(rt: Runtime, settings: Settings) -> None:
     """Swap in a new configuration: keys, providers, prices, budgets (the ledger and the
     alerts already fired carry over). Storage and listen address need a restart."""
-    fresh = build_runtime_parts(settings, rt.clock)
+    fresh = build_runtime_parts(settings)
     old_budgets = rt.budgets
     rt.settings = settings
     rt.upstreams, rt.keys, rt.prices, rt.admin_key = fresh
