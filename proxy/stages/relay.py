@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.dialects.base import Metered
 from proxy.errors import Kind, MeterError
@@ -20,16 +21,15 @@ from proxy.stages.authenticate import HOP_BY_HOP
 BUFFER_LIMIT = 32 * 1024 * 1024
 TAIL_KEEP = 256 * 1024
 _DROP = HOP_BY_HOP | {"content-encoding"}
+# How a response that had begun can break off on the upstream side.
+_UPSTREAM_BROKE = (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
 
 
-def response_headers(upstream: aiohttp.ClientResponse, x: Exchange) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in upstream.headers.items():
-        if name.lower() not in _DROP:
-            headers[name] = value  # repeated headers: aiohttp keeps the last; see below
-    set_cookies = upstream.headers.getall("Set-Cookie", ())
-    if len(set_cookies) > 1:
-        headers.pop("Set-Cookie", None)
+def response_headers(upstream: aiohttp.ClientResponse, x: Exchange) -> CIMultiDict[str]:
+    """The provider's headers, repeated ones (Set-Cookie) included, less hop-by-hop ones."""
+    headers = CIMultiDict(
+        (name, value) for name, value in upstream.headers.items()
+        if name.lower() not in _DROP)
     headers["X-Meter-Request-Id"] = x.id
     if x.budget_remaining is not None:
         headers["X-Meter-Budget-Remaining-USD"] = format(x.budget_remaining, "f")
@@ -68,7 +68,7 @@ async def _relay_stream(x: Exchange, upstream: aiohttp.ClientResponse) -> web.St
             data = meter.feed(chunk) if meter is not None else chunk
             if data:
                 await _write(x, out, data)
-    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+    except _UPSTREAM_BROKE as exc:
         if x.outcome == "client_disconnect":
             raise
         x.outcome = "upstream_error"
@@ -104,7 +104,7 @@ async def _relay_body(
             size += len(chunk)
             if size > BUFFER_LIMIT:
                 return await _relay_large(x, upstream, chunks)
-    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+    except _UPSTREAM_BROKE as exc:
         # Nothing is sent yet: a clear 502 beats a 200 with half a body.
         raise MeterError(Kind.UPSTREAM_UNREACHABLE,
                          f"{x.provider} broke off its response ({type(exc).__name__})") from None
@@ -132,7 +132,7 @@ async def _relay_large(
         async for chunk in upstream.content.iter_any():
             await _write(x, out, chunk)
             tail = (tail + chunk)[-TAIL_KEEP:]
-    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+    except _UPSTREAM_BROKE as exc:
         if x.outcome == "client_disconnect":
             raise
         x.outcome = "upstream_error"
