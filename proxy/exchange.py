@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
+from proxy.dialects import DEFAULT
 from proxy.dialects.base import Call, Dialect, Metered
 from proxy.usage import Usage
 
@@ -93,8 +94,6 @@ class Exchange:
 
     @property
     def dialect(self) -> Dialect:
-        from proxy.dialects import DEFAULT
-
         return self.upstream.dialect if self.upstream is not None else DEFAULT
 
     @property
