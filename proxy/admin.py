@@ -24,9 +24,8 @@ import orjson
 from aiohttp import web
 
 from proxy import dashboard, query
-from proxy.keys import APP_RUNTIME
+from proxy.keys import APP_SERVER, runtime_of
 from proxy.report import build_report, render_text
-from proxy.runtime import reload_from_source
 from proxy.storage import LedgerUnavailable
 from proxy.storage.readers import open_reader
 from proxy.timeparse import parse_time
@@ -65,7 +64,7 @@ async def _no_such_path(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    rt = request.app[APP_RUNTIME]
+    rt = runtime_of(request)
     writer = rt.writer
     ok = writer.healthy and not writer.dropped
     return json_response({"status": "ok" if ok else "degraded",
@@ -75,13 +74,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     _authorized(request)
-    text = request.app[APP_RUNTIME].metrics.render()
+    text = runtime_of(request).metrics.render()
     return web.Response(body=text.encode(), headers={
         "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 def _authorized(request: web.Request) -> None:
-    rt = request.app[APP_RUNTIME]
+    rt = runtime_of(request)
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else ""
     if rt.admin_key and hmac.compare_digest(token.encode(), rt.admin_key.encode()):
@@ -109,7 +108,7 @@ def _bad_request(message: str) -> web.HTTPBadRequest:
 def _usage_query(request: web.Request) -> query.UsageQuery:
     """The CLI's `usage` options as query parameters (where= repeats; k!=v excludes)."""
     params = request.query
-    now = request.app[APP_RUNTIME].now()
+    now = runtime_of(request).now()
     try:
         where, exclude = query.parse_filters(params.getall("where", []))
         return query.UsageQuery(
@@ -161,7 +160,7 @@ async def forecast_view(request: web.Request) -> web.Response:
     from proxy import forecast
     from proxy.budgets import budgets_from
 
-    rt = request.app[APP_RUNTIME]
+    rt = runtime_of(request)
     now = rt.now()
     budgets = budgets_from(rt.settings)
     return json_response(await _read(request, lambda conn, flavor: forecast.forecast_month(
@@ -199,7 +198,7 @@ _FLAGS = {"": False, "0": False, "false": False, "no": False, "1": True, "true":
 
 
 async def _report(request: web.Request) -> dict[str, Any]:
-    rt = request.app[APP_RUNTIME]
+    rt = runtime_of(request)
     now = rt.now()
     params = request.query
     try:
@@ -232,7 +231,7 @@ async def to_dashboard(request: web.Request) -> web.Response:
 
 async def dashboard_page(request: web.Request) -> web.Response:
     """The dashboard; `?key=` once sets the session cookie and redirects without it."""
-    rt = request.app[APP_RUNTIME]
+    rt = runtime_of(request)
     key = request.query.get("key")
     if key is not None:
         if not rt.admin_key or not hmac.compare_digest(key.encode(), rt.admin_key.encode()):
@@ -268,7 +267,7 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     q = _usage_query(request)
     wanted = [c for c in request.query.get("columns", "").split(",") if c]
     loop = asyncio.get_running_loop()
-    rt = request.app[APP_RUNTIME]
+    rt = runtime_of(request)
     conn, flavor = await loop.run_in_executor(None, open_reader, rt.settings.storage.usage_log)
     try:
         columns = wanted or list(query.COLUMNS)
@@ -303,7 +302,7 @@ def _csv_lines(rows: Any) -> bytes:
 
 async def budgets(request: web.Request) -> web.Response:
     _authorized(request)
-    rt = request.app[APP_RUNTIME]
+    rt = runtime_of(request)
     try:
         return json_response(await rt.budgets.status() if rt.budgets is not None else [])
     except LedgerUnavailable as exc:
@@ -314,7 +313,7 @@ async def budgets(request: web.Request) -> web.Response:
 async def reload(request: web.Request) -> web.Response:
     """Re-read the configuration file; a bad one is refused and the old one stays."""
     _authorized(request)
-    error = await reload_from_source(request.app[APP_RUNTIME])
+    error = await request.app[APP_SERVER].reload_from_source()
     if error is not None:
         return web.Response(status=400, content_type="application/json",
                             body=orjson.dumps({"status": "refused", "error": error}))
@@ -323,7 +322,7 @@ async def reload(request: web.Request) -> web.Response:
 
 async def _read(request: web.Request, fn: Any) -> Any:
     """fn(connection, flavor) on a fresh read connection to the usage log, off the loop."""
-    url = request.app[APP_RUNTIME].settings.storage.usage_log
+    url = runtime_of(request).settings.storage.usage_log
 
     def run() -> Any:
         conn, flavor = open_reader(url)

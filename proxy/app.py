@@ -1,8 +1,8 @@
 """The aiohttp application factory and the server's life cycle.
 
-Resources are created in `cleanup_ctx` and closed in reverse order: on shutdown the
-in-flight calls drain first, then the upstream session, then the usage-log writer flushes
-every queued row.
+The Server (session, writer, ledger, the current Runtime) is created in `cleanup_ctx`;
+on shutdown aiohttp drains the in-flight calls first, then `Server.close` finishes the
+background work, closes the upstream session, flushes the writer and closes the ledger.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
-import aiohttp
 import structlog
 from aiohttp import web
 
-from proxy import admin, tokens
+from proxy import admin
 from proxy.config import Settings
-from proxy.keys import APP_RUNTIME, APP_SESSION
+from proxy.keys import APP_SERVER
 from proxy.pipeline import handle
-from proxy.runtime import build_runtime, rebuild_budgets, reload_from_source
+from proxy.server import Server
 
 log = structlog.get_logger("meterproxy")
 
@@ -30,50 +29,20 @@ def create_app(settings: Settings, *,
     """A ready-to-run application for these settings."""
     max_body = int(settings.server.max_body_mb * 1024 * 1024)
     app = web.Application(client_max_size=max_body)
-    app.cleanup_ctx.append(_runtime_ctx(settings, clock))
-    app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(_server_ctx(settings, clock))
     admin.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
 
-def _runtime_ctx(settings: Settings, clock: Callable[[], datetime] | None):
+def _server_ctx(settings: Settings, clock: Callable[[], datetime] | None):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        rt = await loop.run_in_executor(None, build_runtime, settings, clock)
-        await loop.run_in_executor(None, rt.writer.start)
-        await rebuild_budgets(rt)
-        if rt.budgets is not None:
-            # Every call will be estimated: load the tokenizer now, not on the first call
-            # (without budgets it loads only if a stream ends without usage: ~50 MB saved).
-            await tokens.off_loop(tokens.get_encoding, "o200k_base")
-        app[APP_RUNTIME] = rt
-        log.info("started", config=settings.source, usage_log=settings.storage.usage_log,
-                 providers=sorted(rt.upstreams), auth=settings.auth.mode,
-                 keys=len(rt.keys), pricing_version=rt.prices.digest)
+        app[APP_SERVER] = await Server.start(settings, clock)
         yield
-        if rt.background:
-            await asyncio.wait(set(rt.background), timeout=settings.server.grace_s)
-        await loop.run_in_executor(None, rt.writer.close)
-        if rt.budgets is not None:
-            await rt.budgets.ledger.close()
-        log.info("stopped", rows_written=rt.writer.written)
+        # aiohttp runs this after in-flight calls have drained (or the grace has passed).
+        await app[APP_SERVER].close()
 
     return ctx
-
-
-async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
-    # One pooled session for every provider: connections are kept per host, and the
-    # response body is handed to us already decoded (we ask only for gzip or deflate).
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
-                                    skip_auto_headers=("User-Agent",))
-    app[APP_SESSION] = session
-    rt = app[APP_RUNTIME]
-    if rt.budgets is not None:
-        rt.budgets.alerts.session = session
-    yield
-    await session.close()
 
 
 async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Event | None = None,
@@ -92,12 +61,13 @@ async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Even
     log.info("listening", url=f"http://{host}:{port}")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    rt = app[APP_RUNTIME]
+    server = app[APP_SERVER]
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGHUP, lambda: rt.spawn(reload_from_source(rt)))
+        loop.add_signal_handler(signal.SIGHUP, lambda: server.services.tasks.spawn(
+            server.reload_from_source()))
     if ready is not None:
         ready.set()
     try:

@@ -79,6 +79,11 @@ class Budget:
         end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=self.tz)
         return start.astimezone(UTC), end.astimezone(UTC)
 
+    @property
+    def identity(self) -> tuple[str | None, tuple[tuple[str, str], ...], str, str]:
+        """What names the budget's ledger counters; a reload that changes it rebuilds them."""
+        return self.name, self.scope, self.period, self.tz.key
+
     def key(self, scope: str, start: datetime) -> str:
         label = f"{self.name}:" if self.name else ""
         return f"{label}{scope}/{self.period}@{start:%Y-%m-%dT%H:%MZ}"
@@ -128,15 +133,18 @@ class Alerts:
     """Threshold alerts, once per budget period and threshold: a log event, a gauge, a POST."""
 
     def __init__(self, thresholds: Iterable[float], webhook_url: str | None,
-                 spawn: Callable[[Any], None]) -> None:
+                 spawn: Callable[[Any], None], session: aiohttp.ClientSession | None,
+                 claim: Callable[[str, Decimal], Awaitable[bool]] | None = None,
+                 fired: set[tuple[str, Decimal]] | None = None) -> None:
         self.thresholds = sorted(Decimal(str(t)) for t in thresholds)
         self.webhook_url = webhook_url
         self.spawn = spawn
-        self.fired: set[tuple[str, Decimal]] = set()
+        self.session = session
         # A shared ledger's claim_alert: once across instances, not once per instance.
-        self.claim: Callable[[str, Decimal], Awaitable[bool]] | None = None
+        self.claim = claim
+        # Carried over from the previous configuration, so a reload fires nothing twice.
+        self.fired: set[tuple[str, Decimal]] = fired if fired is not None else set()
         self.utilisation: dict[str, tuple[Budget, str, float]] = {}
-        self.session: aiohttp.ClientSession | None = None
 
     def observe(self, budget: Budget, scope: str, hold_key: str, balance: Balance,
                 *, quiet: bool = False) -> None:
@@ -201,7 +209,7 @@ class Budgets:
     """Reserve and settle against the ledger for every budget that applies to a call."""
 
     def __init__(self, budgets: list[Budget], ledger: Ledger, prices: PriceBook,
-                 settings: Settings, spawn: Callable[[Any], None],
+                 settings: Settings, alerts: Alerts, spawn: Callable[[Any], None],
                  clock: Callable[[], datetime] | None = None) -> None:
         self.budgets = budgets
         self.ledger = ledger
@@ -211,7 +219,7 @@ class Budgets:
         self.spawn = spawn
         self.clock = clock or (lambda: datetime.now(UTC))
         self.ledger_failure = settings.storage.ledger_failure
-        self.alerts = Alerts(settings.alerts.thresholds, settings.alerts.webhook_url, spawn)
+        self.alerts = alerts
 
     def applicable(self, attrs: dict[str, str | None], now: datetime
                    ) -> list[tuple[Budget, str, str, datetime | None]]:
@@ -325,10 +333,13 @@ class Budgets:
         balances = await self.ledger.balances([key for _, _, key, _ in periods])
         return [status_row(b, scope, balances[key], end) for b, scope, key, end in periods]
 
-    async def rebuild(self, totals: dict[tuple[str, str], tuple[Decimal, int]]) -> None:
-        """Seed the ledger with spend summed from the usage log; mark passed thresholds."""
+    async def rebuild(self, totals: dict[tuple[str, str], tuple[Decimal, int]],
+                      seen: Iterable[str] = ()) -> None:
+        """Seed the ledger with spend summed from the usage log (periods it knows nothing
+        of), then mark the thresholds already passed for those and the `seen` scopes."""
         await self.ledger.seed({key: amounts for (key, _), amounts in totals.items()})
-        periods = current_periods(self.budgets, {scope for _, scope in totals}, self.clock())
+        periods = current_periods(self.budgets, {scope for _, scope in totals} | set(seen),
+                                  self.clock())
         balances = await self.ledger.balances([key for _, _, key, _ in periods])
         for budget, scope, key, _ in periods:
             self.alerts.observe(budget, scope, key, balances[key], quiet=True)

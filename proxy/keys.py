@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from proxy.runtime import Runtime
+from proxy.server import Server
 
-APP_RUNTIME = web.AppKey("runtime", Runtime)
-APP_SESSION = web.AppKey("session", aiohttp.ClientSession)
+APP_SERVER = web.AppKey("server", Server)
+
+
+def runtime_of(request: web.Request) -> Runtime:
+    """The configuration snapshot current when the request arrived."""
+    return request.app[APP_SERVER].current

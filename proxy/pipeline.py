@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
-from proxy.keys import APP_RUNTIME, APP_SESSION
+from proxy.keys import runtime_of
 from proxy.stages.attribute import attribute
 from proxy.stages.authenticate import authenticate, authorize
 from proxy.stages.forward import forward
@@ -30,7 +30,7 @@ log = structlog.get_logger("meterproxy")
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    rt = request.app[APP_RUNTIME]
+    rt = runtime_of(request)
     x = Exchange.begin(request, rt.clock() if rt.clock is not None else None)
     try:
         route(rt, x)
@@ -40,7 +40,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         inspect(x)
         authorize(x)
         await reserve(rt, x)
-        upstream = await forward(request.app[APP_SESSION], x)
+        upstream = await forward(rt.session, x)
         return await relay(x, upstream, lambda ex: price(rt, ex))
     except MeterError as err:
         return refuse(x, err)

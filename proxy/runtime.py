@@ -1,7 +1,10 @@
-"""The Runtime: everything a call needs, resolved once from the settings.
+"""The Runtime: an immutable snapshot of everything a call needs, built once per config.
 
-Config parsing, environment look-ups and pricing loads happen here, at start-up (and on a
-reload), never per request.
+`build_runtime` resolves a configuration (providers, keys, prices, budgets) off the event
+loop, wires in the process-long services it is handed (the HTTP session, the usage-log
+writer, the ledger), rebuilds budget spend from the usage log and carries the alert state
+over from the previous snapshot. Nothing is patched afterwards: a reload builds a new
+snapshot and `Server` swaps one reference. A call keeps the snapshot it started with.
 """
 
 from __future__ import annotations
@@ -9,28 +12,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import aiohttp
 import structlog
 from yarl import URL
 
-from proxy.budgets import Budgets, budgets_from, spend_from_log
+from proxy import tokens
+from proxy.budgets import Alerts, Budget, Budgets, budgets_from, spend_from_log
 from proxy.config import KeyConfig, Settings
 from proxy.dialects import for_name
 from proxy.dialects.base import Dialect
-from proxy.metrics import Metrics, gauge
+from proxy.metrics import Metrics
 from proxy.pricing import PriceBook
-from proxy.storage import (
-    LedgerUnavailable,
-    LogUnavailable,
-    is_redis,
-    open_ledger,
-    open_usage_log,
-)
+from proxy.storage import LedgerUnavailable, LogUnavailable
 from proxy.storage.ledger import Ledger
 from proxy.storage.readers import open_reader
 from proxy.storage.writer import UsageWriter
@@ -59,52 +58,170 @@ class Upstream:
                                              sock_read=self.timeout_s)
 
 
-@dataclass
-class Runtime:
-    settings: Settings
-    upstreams: dict[str, Upstream]
-    keys: dict[str, KeyConfig]
-    prices: PriceBook
-    writer: UsageWriter
-    admin_key: str | None
-    clock: Callable[[], datetime] | None = None
-    unpriced_warned: set[tuple[str, str | None]] = field(default_factory=set)
-    background: set[asyncio.Task] = field(default_factory=set)
-    budgets: Budgets | None = None
-    metrics: Metrics = field(init=False)
+class Tasks:
+    """Work that outlives its response (settles, estimates, alerts); shutdown drains it."""
 
-    def __post_init__(self) -> None:
-        self.metrics = Metrics(self.known_model)
-        self.metrics.gauges.append(self._gauges)
+    def __init__(self) -> None:
+        self.running: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait for every task, including those spawned while waiting (an alert's POST)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.running and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self.running), timeout=left)
+        if self.running:
+            log.error("background_unfinished", tasks=len(self.running))
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What lives as long as the process and every snapshot shares."""
+
+    session: aiohttp.ClientSession
+    writer: UsageWriter
+    ledger: Ledger
+    metrics: Metrics
+    tasks: Tasks
+    clock: Callable[[], datetime] | None = None
+    # (pricing table, model) pairs already warned about, so each is logged once.
+    unpriced_warned: set[tuple[str, str | None]] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """One configuration, fully wired; never changed once built."""
+
+    settings: Settings
+    upstreams: Mapping[str, Upstream]
+    keys: Mapping[str, KeyConfig]
+    prices: PriceBook
+    admin_key: str | None
+    budgets: Budgets | None
+    services: Services
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self.services.session
+
+    @property
+    def writer(self) -> UsageWriter:
+        return self.services.writer
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.services.metrics
+
+    @property
+    def clock(self) -> Callable[[], datetime] | None:
+        return self.services.clock
+
+    @property
+    def unpriced_warned(self) -> set[tuple[str, str | None]]:
+        return self.services.unpriced_warned
+
+    def now(self) -> datetime:
+        clock = self.services.clock
+        return clock() if clock is not None else datetime.now(UTC)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a coroutine after the response; shutdown waits for it."""
+        self.services.tasks.spawn(coro)
 
     def known_model(self, provider: str | None, model: str | None) -> bool:
         upstream = self.upstreams.get(provider or "")
         return upstream is not None and self.prices.model(upstream.pricing_table,
                                                           [model]) is not None
 
-    def _gauges(self) -> list[str]:
-        lines = gauge("meterproxy_usage_log_pending_rows", "Rows queued, not yet written.",
-                      [((), self.writer.pending)])
-        lines += gauge("meterproxy_usage_log_write_failures", "Failed usage-log writes.",
-                       [((), self.writer.failures)])
-        lines += gauge("meterproxy_usage_log_dropped_rows",
-                       "Rows dropped because the log kept failing and the backlog was full.",
-                       [((), self.writer.dropped)])
-        if self.budgets is not None:
-            lines += gauge(
-                "meterproxy_budget_utilisation", "Spent share of each budget period's limit.",
-                [((("budget", key), ("period", b.period)), ratio)
-                 for key, (b, _, ratio) in sorted(self.budgets.alerts.utilisation.items())])
-        return lines
 
-    def now(self) -> datetime:
-        return self.clock() if self.clock is not None else datetime.now(UTC)
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What a configuration resolves to without any service: the blocking part of a build."""
 
-    def spawn(self, coro: Any) -> None:
-        """Run a coroutine after the response; shutdown waits for it."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+    upstreams: Mapping[str, Upstream]
+    keys: Mapping[str, KeyConfig]
+    prices: PriceBook
+    admin_key: str | None
+    budgets: list[Budget]
+
+
+def resolve(settings: Settings) -> Resolved:
+    """Read the environment and the pricing tables (blocking: run it off the loop)."""
+    return Resolved(upstreams=MappingProxyType(build_upstreams(settings)),
+                    keys=MappingProxyType(key_index(settings)),
+                    prices=PriceBook.load(settings.pricing.dir, settings.pricing.overrides),
+                    admin_key=os.environ.get(settings.server.admin_key_env) or None,
+                    budgets=budgets_from(settings))
+
+
+async def build_runtime(settings: Settings, services: Services,
+                        previous: Runtime | None = None) -> Runtime:
+    """A new snapshot for `settings`, ready to admit calls.
+
+    Budgets the previous snapshot did not have (new, renamed, re-scoped) get their spend
+    rebuilt from the usage log before the snapshot is returned; alerts already fired stay
+    fired. Raises LogUnavailable/LedgerUnavailable if that rebuild cannot run (on a reload
+    the old snapshot then stays)."""
+    loop = asyncio.get_running_loop()
+    parts = await loop.run_in_executor(None, resolve, settings)
+    budgets = None
+    if parts.budgets:
+        old = previous.budgets if previous is not None else None
+        alerts = Alerts(settings.alerts.thresholds, settings.alerts.webhook_url,
+                        services.tasks.spawn, services.session,
+                        claim=services.ledger.claim_alert if services.ledger.shared else None,
+                        fired=old.alerts.fired if old is not None else None)
+        budgets = Budgets(parts.budgets, services.ledger, parts.prices, settings, alerts,
+                          services.tasks.spawn, services.clock)
+        known = {b.identity for b in old.budgets} if old is not None else set()
+        seen = {scope for _, scope, _ in old.alerts.utilisation.values()} if old else set()
+        fresh = [b for b in parts.budgets if b.identity not in known]
+        try:
+            await rebuild_spend(budgets, fresh, settings.storage.usage_log, services.writer,
+                                seen)
+        except (LogUnavailable, LedgerUnavailable) as exc:
+            if previous is not None or not services.ledger.shared:
+                raise
+            # Redis keeps spend across restarts, so it rarely needs this; if it turns out
+            # to have lost the ledger, the first reserve asks for the rebuild again.
+            log.error("budgets_not_rebuilt", error=str(exc))
+        # Every call will be estimated: load the tokenizer now, not on the first call
+        # (without budgets it loads only if a stream ends without usage: ~50 MB saved).
+        await tokens.off_loop(tokens.get_encoding, "o200k_base")
+    return Runtime(settings=settings, upstreams=parts.upstreams, keys=parts.keys,
+                   prices=parts.prices, admin_key=parts.admin_key, budgets=budgets,
+                   services=services)
+
+
+async def rebuild_spend(budgets: Budgets, which: list[Budget], usage_log: str,
+                        writer: UsageWriter, seen: set[str] | frozenset[str] = frozenset()
+                        ) -> None:
+    """Seed the ledger for `which` budgets from the usage log (rows still queued are
+    written first), so neither a restart nor a reload forgets spend."""
+    loop = asyncio.get_running_loop()
+
+    def read() -> dict:
+        writer.flush()
+        conn, flavor = open_reader(usage_log)
+        try:
+            return spend_from_log(conn, which, budgets.clock(), flavor)
+        finally:
+            conn.close()
+
+    totals = await loop.run_in_executor(None, read) if which else {}
+    await budgets.rebuild(totals, seen)
+
+
+async def rebuild_all(rt: Runtime) -> None:
+    """Rebuild every budget of a snapshot: the shared ledger has lost its data."""
+    if rt.budgets is not None:
+        await rebuild_spend(rt.budgets, rt.budgets.budgets, rt.settings.storage.usage_log,
+                            rt.writer)
 
 
 def build_upstreams(settings: Settings) -> dict[str, Upstream]:
@@ -134,96 +251,3 @@ def key_digest(key: str) -> str:
 def fingerprint(key: str) -> str:
     """How passthrough mode names a provider key: its first 4 chars and a hash prefix."""
     return f"{key[:4]}…{key_digest(key)[:12]}"
-
-
-def build_runtime(settings: Settings, clock: Callable[[], datetime] | None = None) -> Runtime:
-    storage = settings.storage
-    writer = UsageWriter(open_usage_log(storage.usage_log, spool_dir=storage.spool_dir),
-                         interval_s=storage.flush_interval_ms / 1000,
-                         batch_rows=storage.batch_rows,
-                         max_backlog=storage.max_backlog_rows)
-    upstreams, keys, prices, admin_key = build_runtime_parts(settings)
-    rt = Runtime(settings=settings, upstreams=upstreams, keys=keys, prices=prices,
-                 writer=writer, admin_key=admin_key, clock=clock)
-    rt.budgets = build_budgets(rt, open_ledger(storage.ledger))
-    return rt
-
-
-def build_runtime_parts(settings: Settings) -> tuple[dict, dict, PriceBook, str | None]:
-    """What a configuration resolves to: upstreams, the key index, prices, the admin key."""
-    return (build_upstreams(settings), key_index(settings),
-            PriceBook.load(settings.pricing.dir, settings.pricing.overrides),
-            os.environ.get(settings.server.admin_key_env) or None)
-
-
-def build_budgets(rt: Runtime, ledger: Ledger) -> Budgets | None:
-    """The budget service for the runtime's settings, or None when no budget is configured."""
-    found = budgets_from(rt.settings)
-    if not found:
-        return None
-    if hasattr(ledger, "on_lost"):  # a shared ledger that restarted empty asks for a rebuild
-        ledger.on_lost = lambda: rebuild_budgets(rt)
-    budgets = Budgets(found, ledger, rt.prices, rt.settings, rt.spawn, rt.now)
-    budgets.alerts.claim = getattr(ledger, "claim_alert", None)
-    return budgets
-
-
-async def rebuild_budgets(rt: Runtime) -> None:
-    """Seed the ledger from the usage log, so a restart forgets no spend."""
-    if rt.budgets is None:
-        return
-    budgets, storage = rt.budgets, rt.settings.storage
-
-    def read() -> dict:
-        conn, flavor = open_reader(storage.usage_log)
-        try:
-            return spend_from_log(conn, budgets.budgets, rt.now(), flavor)
-        finally:
-            conn.close()
-
-    try:
-        totals = await asyncio.get_running_loop().run_in_executor(None, read)
-        await budgets.rebuild(totals)
-    except (LogUnavailable, LedgerUnavailable) as exc:
-        if not is_redis(storage.ledger):
-            raise
-        # Redis keeps spend across restarts, so it rarely needs this; if it turns out to
-        # have lost the ledger, the first reserve asks for the rebuild again.
-        log.error("budgets_not_rebuilt", error=str(exc))
-
-
-def reload_settings(rt: Runtime, settings: Settings) -> None:
-    """Swap in a new configuration: keys, providers, prices, budgets (the ledger and the
-    alerts already fired carry over). Storage and listen address need a restart."""
-    fresh = build_runtime_parts(settings)
-    old_budgets = rt.budgets
-    rt.settings = settings
-    rt.upstreams, rt.keys, rt.prices, rt.admin_key = fresh
-    rt.budgets = None
-    if old_budgets is not None or budgets_from(settings):
-        ledger = old_budgets.ledger if old_budgets is not None else open_ledger(
-            settings.storage.ledger)
-        rt.budgets = build_budgets(rt, ledger)
-        if rt.budgets is not None and old_budgets is not None:
-            rt.budgets.alerts.fired = old_budgets.alerts.fired
-            rt.budgets.alerts.session = old_budgets.alerts.session
-    log.info("reloaded", config=settings.source, keys=len(rt.keys),
-             budgets=len(rt.budgets.budgets) if rt.budgets else 0)
-
-
-async def reload_from_source(rt: Runtime) -> str | None:
-    """Re-read the configuration file; on any error keep the old one and say why."""
-    from proxy.config import ConfigError, load_settings
-    from proxy.pricing import PricingError
-
-    source = rt.settings.source
-    if source.startswith("<"):
-        return f"nothing to reload: the configuration came from {source}, not a file"
-    loop = asyncio.get_running_loop()
-    try:
-        settings = await loop.run_in_executor(None, load_settings, source)
-        reload_settings(rt, settings)
-    except (ConfigError, PricingError, ValueError, OSError) as exc:
-        log.error("reload_refused", error=str(exc))
-        return str(exc)
-    return None

@@ -23,9 +23,10 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import load_settings
-from proxy.keys import APP_RUNTIME
+from proxy.keys import APP_SERVER
 from proxy.logs import configure
 from proxy.runtime import Runtime
+from proxy.server import Server
 from proxy.simulator import Simulator
 
 # Log lines go to stderr as JSON, as in production, so stdout stays the CLI's alone.
@@ -104,8 +105,12 @@ class Stack:
         self.config_path.write_text(yaml.safe_dump(config))
 
     @property
+    def server(self) -> Server:
+        return self.app[APP_SERVER]
+
+    @property
     def runtime(self) -> Runtime:
-        return self.app[APP_RUNTIME]
+        return self.server.current
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -131,7 +136,7 @@ class Stack:
         return rows[-1]
 
     async def _settle(self) -> None:
-        background = set(self.runtime.background)
+        background = set(self.server.services.tasks.running)
         if background:
             await asyncio.wait(background, timeout=10)
 
@@ -145,9 +150,14 @@ class Stack:
         finally:
             conn.close()
 
-    def close(self) -> None:
+    def close(self, during: Any = None) -> None:
+        """Stop both servers; `during()` runs on the loop once the proxy's shutdown began."""
         async def stop() -> None:
-            await self.runner.cleanup()
+            cleanup = asyncio.ensure_future(self.runner.cleanup())
+            if during is not None:
+                await asyncio.sleep(0)
+                during()
+            await cleanup
             await self.sim_runner.cleanup()
 
         self.call(stop())

@@ -16,7 +16,6 @@ from google import genai
 from google.genai import types
 
 from proxy.pricing import bundled_tables_dir
-from proxy.runtime import reload_from_source
 from proxy.simulator import Scenario
 from proxy.storage.row import COLUMNS
 from tests.conftest import KEY_ENV, PROVIDER_KEY, VIRTUAL_KEY, Stack, http
@@ -50,7 +49,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         **{name: sim for name in ("deepseek", "mistral", "groq", "together", "xai")},
     }
     s.write_config({**s.config, "providers": {**s.config["providers"], **providers}})
-    assert s.call(reload_from_source(s.runtime)) is None
+    assert s.call(s.server.reload_from_source()) is None
     yield s
     s.close()
 

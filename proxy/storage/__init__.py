@@ -6,6 +6,7 @@ and Redis (ledger) let several proxy instances share one of each.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from proxy.storage.ledger import Ledger, LocalLedger
@@ -51,13 +52,16 @@ def open_usage_log(url: str, *, spool_dir: str | None = None) -> UsageLog:
                      "(use sqlite:///file.db or postgresql://user@host/db)")
 
 
-def open_ledger(url: str) -> Ledger:
-    """The budget ledger a `storage.ledger` setting names."""
+def open_ledger(url: str, on_lost: Callable[[], Awaitable[None]] | None = None) -> Ledger:
+    """The budget ledger a `storage.ledger` setting names.
+
+    `on_lost` is awaited when a shared ledger turns out to have lost its data (Redis
+    restarted empty), to rebuild spend from the usage log."""
     if url == "local":
         return LocalLedger()
     if is_redis(url):
         from proxy.storage.redis_ledger import RedisLedger
 
-        return RedisLedger(url)
+        return RedisLedger(url, on_lost)
     raise ValueError(f"storage.ledger: unsupported ledger {url!r} "
                      "(use local or redis://host:6379/0)")

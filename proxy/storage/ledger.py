@@ -47,6 +47,9 @@ class Reserved:
 
 
 class Ledger(Protocol):
+    # True when several proxy instances share the ledger: alerts are then claimed first.
+    shared: bool
+
     async def reserve(self, call_id: str, holds: list[Hold], ttl_s: float) -> Reserved: ...
 
     async def settle(self, call_id: str, usd: Decimal, tokens: int) -> list[tuple[Hold, Balance]]:
@@ -56,6 +59,9 @@ class Ledger(Protocol):
 
     async def seed(self, totals: dict[str, tuple[Decimal, int]]) -> None:
         """Spend rebuilt from the usage log, for periods the ledger knows nothing of."""
+
+    async def claim_alert(self, key: str, threshold: Decimal) -> bool:
+        """True for exactly one caller per budget period and threshold."""
 
     async def close(self) -> None: ...
 
@@ -77,6 +83,8 @@ class LocalLedger:
 
     Every method runs on the event loop without awaiting inside, so each is atomic.
     """
+
+    shared = False
 
     def __init__(self) -> None:
         self._balances: dict[str, Balance] = {}
@@ -123,6 +131,9 @@ class LocalLedger:
             balance = self._balance(key)
             if balance.spent_usd == ZERO and balance.spent_tokens == 0:
                 balance.spent_usd, balance.spent_tokens = usd, tokens
+
+    async def claim_alert(self, key: str, threshold: Decimal) -> bool:
+        return True  # one process: the Alerts' own record is the claim
 
     async def close(self) -> None:
         return None

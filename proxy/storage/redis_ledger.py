@@ -218,7 +218,9 @@ class RedisLedger:
     rebuilds spend from the usage log, then reserves carry on.
     """
 
-    def __init__(self, url: str) -> None:
+    shared = True
+
+    def __init__(self, url: str, on_lost: Callable[[], Awaitable[None]] | None = None) -> None:
         clean, self.prefix = split_url(url)
         options = dict(parse_qsl(urlsplit(clean).query))
         kwargs: dict[str, Any] = {}
@@ -236,7 +238,7 @@ class RedisLedger:
             retry=Retry(NoBackoff(), 1), **kwargs)
         self.redis = aioredis.Redis(connection_pool=pool)
         self.url = url
-        self.on_lost: Callable[[], Awaitable[None]] | None = None
+        self.on_lost = on_lost
         self._reserve = self.redis.register_script(_RESERVE)
         self._settle = self.redis.register_script(_SETTLE)
         self._balances = self.redis.register_script(_BALANCES)
