@@ -139,27 +139,6 @@ class Settings:
         return conf.pricing or provider
 
 
-BUILTIN_PROVIDERS: dict[str, dict[str, Any]] = {
-    "openai": {"base_url": "https://api.openai.com", "dialect": "openai",
-               "api_key_env": "OPENAI_API_KEY"},
-    "anthropic": {"base_url": "https://api.anthropic.com", "dialect": "anthropic",
-                  "api_key_env": "ANTHROPIC_API_KEY"},
-    "gemini": {"base_url": "https://generativelanguage.googleapis.com", "dialect": "gemini",
-               "api_key_env": "GEMINI_API_KEY"},
-    "deepseek": {"base_url": "https://api.deepseek.com", "dialect": "openai",
-                 "api_key_env": "DEEPSEEK_API_KEY"},
-    "mistral": {"base_url": "https://api.mistral.ai", "dialect": "openai",
-                "api_key_env": "MISTRAL_API_KEY"},
-    "groq": {"base_url": "https://api.groq.com/openai", "dialect": "openai",
-             "api_key_env": "GROQ_API_KEY"},
-    "together": {"base_url": "https://api.together.xyz", "dialect": "openai",
-                 "api_key_env": "TOGETHER_API_KEY"},
-    "xai": {"base_url": "https://api.x.ai", "dialect": "openai", "api_key_env": "XAI_API_KEY"},
-    "openrouter": {"base_url": "https://openrouter.ai/api", "dialect": "openai",
-                   "api_key_env": "OPENROUTER_API_KEY"},
-}
-
-DIALECTS = ("openai", "anthropic", "gemini")
 AUTH_MODES = ("virtual_keys", "passthrough")
 PERIODS = ("day", "week", "month", "total")
 SCOPE_KEYS = ("key", "customer", "feature")
@@ -197,6 +176,8 @@ def load_settings(explicit: str | None = None) -> Settings:
 
 def parse_settings(data: Any, source: str) -> Settings:
     """Build Settings from parsed YAML, checking every key and type."""
+    from proxy.dialects import builtin_providers
+
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     data = dict(data)
@@ -205,8 +186,9 @@ def parse_settings(data: Any, source: str) -> Settings:
         raise ConfigError(f"{source}: providers: must be a mapping of name to settings")
     settings: Settings = _build(Settings, data, "", source)
     providers: dict[str, ProviderConfig] = {}
-    for name, conf in BUILTIN_PROVIDERS.items():
-        providers[name] = ProviderConfig(**conf)
+    for name, (dialect, builtin) in builtin_providers().items():
+        providers[name] = ProviderConfig(base_url=builtin.base_url, dialect=dialect,
+                                         api_key_env=builtin.api_key_env)
     for name, conf in providers_raw.items():
         path = f"providers.{name}"
         if not isinstance(conf, dict):
@@ -219,6 +201,8 @@ def parse_settings(data: Any, source: str) -> Settings:
 
 
 def _validate(s: Settings) -> None:
+    from proxy.dialects import registry
+
     src = s.source
 
     def fail(path: str, msg: str) -> typing.NoReturn:
@@ -235,8 +219,8 @@ def _validate(s: Settings) -> None:
     if s.storage.ledger_failure not in LEDGER_FAILURE:
         fail("storage.ledger_failure", f"must be closed or open, not {s.storage.ledger_failure!r}")
     for name, p in s.providers.items():
-        if p.dialect not in DIALECTS:
-            fail(f"providers.{name}.dialect", f"must be one of {', '.join(DIALECTS)}, "
+        if p.dialect not in registry():
+            fail(f"providers.{name}.dialect", f"must be one of {', '.join(registry())}, "
                  f"not {p.dialect!r}")
         if not p.base_url.startswith(("http://", "https://")):
             fail(f"providers.{name}.base_url", f"must be an http(s) URL, not {p.base_url!r}")

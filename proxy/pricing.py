@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from proxy.dialects import standard_tiers
 from proxy.usage import Usage
 
 MILLION = Decimal(1_000_000)
@@ -167,8 +168,6 @@ class Cost:
     breakdown: dict[str, Any]
 
 
-# The service tiers that mean "standard price" in each provider's vocabulary.
-STANDARD_TIERS = frozenset({"default", "standard", "auto", "on_demand", "standard_only"})
 
 USAGE_CLASSES = (
     # (breakdown name, rate field, fallback rate fields)
@@ -214,7 +213,7 @@ def cost(usage: Usage, price: Price, when: datetime) -> Cost:
             notes["tier"] = f"above {tier.above_input_tokens} input tokens"
             break
     service = (usage.service_tier or "").lower()
-    if service and service not in STANDARD_TIERS:
+    if service and service not in standard_tiers():
         adjustment = period.service_tiers.get(service)
         if adjustment is not None:
             rates = adjustment.apply(rates)

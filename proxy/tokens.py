@@ -15,6 +15,7 @@ import hashlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any, TypeVar
@@ -27,10 +28,6 @@ EXPECTED_SHA256 = {
     "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
     "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
 }
-# Models older than gpt-4o count with cl100k_base; everything else (and every model of
-# another vendor, as an approximation) with o200k_base.
-_CL100K_PREFIXES = ("gpt-4-", "gpt-3.5", "text-embedding-3", "text-embedding-ada", "davinci",
-                    "babbage")
 _lock = threading.Lock()
 T = TypeVar("T")
 
@@ -39,20 +36,44 @@ class TokenizerError(RuntimeError):
     """The shipped BPE data is missing or does not match tiktoken's expected hash."""
 
 
+@dataclass(frozen=True, slots=True)
+class TokenFamilies:
+    """A dialect's model families as tiktoken sees them (declared in its SPEC).
+
+    Models count with o200k_base unless they are in an older cl100k_base family; tiktoken
+    is exact only for the `exact` families (elsewhere it is an approximation)."""
+
+    exact: tuple[str, ...] = ()  # name prefixes
+    cl100k_names: tuple[str, ...] = ()  # whole names
+    cl100k_prefixes: tuple[str, ...] = ()
+    o200k_prefixes: tuple[str, ...] = ()  # newer families inside a cl100k prefix
+
+    def is_cl100k(self, name: str) -> bool:
+        older = name in self.cl100k_names or name.startswith(self.cl100k_prefixes)
+        return older and not name.startswith(self.o200k_prefixes)
+
+
+@cache
+def _families() -> tuple[TokenFamilies, ...]:
+    from proxy.dialects import registry
+
+    return tuple(spec.token_families for spec in registry().values())
+
+
+def _bare(model: str | None) -> str:
+    return (model or "").lower().rsplit("/", 1)[-1]
+
+
 def encoding_name(model: str | None) -> str:
-    """The tiktoken encoding used for a model (o200k_base unless it is an older OpenAI one)."""
-    name = (model or "").lower().rsplit("/", 1)[-1]
-    older = name == "gpt-4" or name.startswith(_CL100K_PREFIXES)
-    if older and not name.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5")):
-        return "cl100k_base"
-    return "o200k_base"
+    """The tiktoken encoding used for a model (o200k_base unless an older family's)."""
+    name = _bare(model)
+    return "cl100k_base" if any(f.is_cl100k(name) for f in _families()) else "o200k_base"
 
 
 def is_exact_for(model: str | None) -> bool:
     """Whether tiktoken is the model's own tokenizer (OpenAI) or only an approximation."""
-    name = (model or "").lower().rsplit("/", 1)[-1]
-    return name.startswith(("gpt-", "o1", "o3", "o4", "chatgpt", "text-embedding", "davinci",
-                            "babbage"))
+    name = _bare(model)
+    return any(f.exact and name.startswith(f.exact) for f in _families())
 
 
 def load_ranks(name: str) -> dict[bytes, int]:

@@ -44,7 +44,7 @@ def test_env_var_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     ("providers: {x: {base_url: ftp://a, dialect: openai}}\n",
      "providers.x.base_url: must be an http(s) URL"),
     ("providers: {x: {base_url: 'http://a', dialect: soap}}\n",
-     "providers.x.dialect: must be one of openai, anthropic, gemini"),
+     "providers.x.dialect: must be one of anthropic, gemini, openai"),
     ("budgets: [{scope: {customer: a}, period: fortnight, limit_usd: 1}]\n",
      "budgets[0].period: must be one of day, week, month, total"),
     ("keys: [{name: a, key_sha256: '" + "a" * 64 + "', budgets: [{period: day}]}]\n",

@@ -287,3 +287,22 @@ def test_for_name_loads_both() -> None:
     """The dialect registry finds the two new adapters by their config names."""
     assert isinstance(for_name("anthropic"), AnthropicDialect)
     assert isinstance(for_name("gemini"), GeminiDialect)
+
+
+def test_registry_declares_every_dialect_once() -> None:
+    """Config names, built-in providers, key headers and tiers all come from the specs."""
+    import importlib
+
+    from proxy.dialects import builtin_providers, key_headers, registry, standard_tiers
+    from proxy.dialects.openai import OpenAIDialect
+
+    assert sorted(registry()) == ["anthropic", "gemini", "openai"]
+    assert isinstance(for_name("openai"), OpenAIDialect)
+    with pytest.raises(ValueError, match="no dialect named 'soap'"):
+        for_name("soap")
+    assert builtin_providers()["anthropic"][0] == "anthropic"
+    assert builtin_providers()["groq"] == ("openai", registry()["openai"].providers["groq"])
+    assert {"authorization", "x-api-key", "x-goog-api-key", "api-key"} == key_headers()
+    assert {"default", "standard"} <= standard_tiers() and "flex" not in standard_tiers()
+    for name in registry():
+        assert callable(importlib.import_module(f"proxy.simulator.{name}").add_routes)

@@ -9,13 +9,23 @@ last value seen wins and nothing is ever added up.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
-from proxy.dialects.base import Call, Metered, TextTally, bearer, load_body, positive_int
+from proxy.dialects.base import (
+    BuiltinProvider,
+    Call,
+    DialectSpec,
+    Metered,
+    TextTally,
+    bearer,
+    load_body,
+    positive_int,
+)
 from proxy.dialects.sse import SSESplitter, is_junk, parse_event
 from proxy.errors import Kind, MeterError
 from proxy.usage import Usage, count, sub
@@ -221,3 +231,13 @@ def _collect_text(value: Any, into: list[str]) -> None:
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+SPEC = DialectSpec(
+    name="anthropic",
+    adapter=AnthropicDialect(),
+    key_headers=("x-api-key", "Authorization"),
+    providers=MappingProxyType({"anthropic": BuiltinProvider("https://api.anthropic.com",
+                                                             "ANTHROPIC_API_KEY")}),
+    standard_tiers=frozenset({"standard", "standard_only"}),
+)

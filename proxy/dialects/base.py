@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import orjson
@@ -89,6 +92,43 @@ class Dialect(Protocol):
 
     def error_body(self, error: MeterError) -> bytes:
         """The provider's own error shape, so SDKs raise their usual exceptions."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinProvider:
+    """A provider usable with no `providers:` entry in the config (its dialect's)."""
+
+    base_url: str
+    api_key_env: str
+
+
+class EndpointKind(StrEnum):
+    METERED = "metered"  # priced from the response
+    FREE = "free"  # costs nothing (model lists, token counting, reads)
+    NOT_METERED = "not_metered"  # billable but not priced by the proxy
+
+
+class EndpointPolicy(Protocol):
+    """What each path under a provider of this dialect is; see issue 11."""
+
+    def classify(self, method: str, path: str) -> EndpointKind: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DialectSpec:
+    """Everything the rest of the proxy knows about one API family, declared in its module
+    as `SPEC`; `proxy.dialects.registry()` finds it there."""
+
+    name: str  # what `providers.<name>.dialect` says
+    adapter: Dialect  # the wire format (stateless, shared)
+    key_headers: tuple[str, ...]  # request headers that may carry a client or provider key
+    providers: Mapping[str, BuiltinProvider] = field(
+        default_factory=lambda: MappingProxyType({}))
+    token_families: tokens.TokenFamilies = field(default_factory=tokens.TokenFamilies)
+    # Service-tier names that mean the standard price in this provider family's vocabulary.
+    standard_tiers: frozenset[str] = frozenset()
+    # Which endpoints are metered, free or refused; None: the adapter's describe() decides.
+    endpoint_policy: EndpointPolicy | None = None
 
 
 def bearer(value: str | None) -> str | None:

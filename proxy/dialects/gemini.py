@@ -11,13 +11,22 @@ holds the final ones.
 from __future__ import annotations
 
 import re
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
-from proxy.dialects.base import Call, Metered, TextTally, load_body, positive_int
+from proxy.dialects.base import (
+    BuiltinProvider,
+    Call,
+    DialectSpec,
+    Metered,
+    TextTally,
+    load_body,
+    positive_int,
+)
 from proxy.dialects.sse import SSESplitter, is_junk, parse_event
 from proxy.errors import Kind, MeterError
 from proxy.usage import Usage, count, sub
@@ -327,3 +336,12 @@ def _collect_parts(content: Any, into: list[str]) -> None:
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+SPEC = DialectSpec(
+    name="gemini",
+    adapter=GeminiDialect(),
+    key_headers=("x-goog-api-key",),  # or ?key= in the query
+    providers=MappingProxyType({"gemini": BuiltinProvider(
+        "https://generativelanguage.googleapis.com", "GEMINI_API_KEY")}),
+)

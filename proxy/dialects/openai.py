@@ -7,6 +7,7 @@ Anything else (models, files, ...) passes through and is logged at zero cost.
 from __future__ import annotations
 
 import re
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -14,7 +15,16 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
 from proxy import tokens
-from proxy.dialects.base import Call, Metered, TextTally, bearer, load_body, positive_int
+from proxy.dialects.base import (
+    BuiltinProvider,
+    Call,
+    DialectSpec,
+    Metered,
+    TextTally,
+    bearer,
+    load_body,
+    positive_int,
+)
 from proxy.dialects.sse import SSESplitter, parse_event
 from proxy.errors import Kind, MeterError
 from proxy.usage import Usage, count, sub
@@ -390,3 +400,28 @@ def _plain_endpoint(path: str) -> str:
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+SPEC = DialectSpec(
+    name="openai",
+    adapter=OpenAIDialect(),
+    key_headers=("Authorization", "api-key"),  # api-key: Azure OpenAI
+    providers=MappingProxyType({
+        name: BuiltinProvider(url, env) for name, url, env in (
+            ("openai", "https://api.openai.com", "OPENAI_API_KEY"),
+            ("deepseek", "https://api.deepseek.com", "DEEPSEEK_API_KEY"),
+            ("mistral", "https://api.mistral.ai", "MISTRAL_API_KEY"),
+            ("groq", "https://api.groq.com/openai", "GROQ_API_KEY"),
+            ("together", "https://api.together.xyz", "TOGETHER_API_KEY"),
+            ("xai", "https://api.x.ai", "XAI_API_KEY"),
+            ("openrouter", "https://openrouter.ai/api", "OPENROUTER_API_KEY"),
+        )}),
+    token_families=tokens.TokenFamilies(
+        exact=("gpt-", "o1", "o3", "o4", "chatgpt", "text-embedding", "davinci", "babbage"),
+        # Models older than gpt-4o count with cl100k_base.
+        cl100k_names=("gpt-4",),
+        cl100k_prefixes=("gpt-4-", "gpt-3.5", "text-embedding-3", "text-embedding-ada",
+                         "davinci", "babbage"),
+        o200k_prefixes=("gpt-4o", "gpt-4.1", "gpt-4.5")),
+    standard_tiers=frozenset({"default", "auto", "on_demand"}),  # on_demand: Groq
+)

@@ -73,17 +73,15 @@ class Simulator:
         return scenario
 
     def app(self) -> web.Application:
-        from proxy.simulator import openai
+        import importlib
+
+        from proxy.dialects import registry
 
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app[SIMULATOR] = self
-        openai.add_routes(app, self)
-        for name in ("anthropic", "gemini"):
-            try:
-                module = __import__(f"proxy.simulator.{name}", fromlist=["add_routes"])
-            except ImportError:
-                continue
-            module.add_routes(app, self)
+        # Every dialect has its simulator module, of the same name.
+        for name in registry():
+            importlib.import_module(f"proxy.simulator.{name}").add_routes(app, self)
         return app
 
     async def receive(self, request: web.Request) -> tuple[Received, Scenario]:

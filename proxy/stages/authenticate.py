@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, MultiDict
 
+from proxy.dialects import key_headers
 from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
 from proxy.runtime import Runtime, fingerprint, key_digest
@@ -47,7 +48,7 @@ def authenticate(rt: Runtime, x: Exchange) -> None:
                          f"set {upstream.api_key_env} where it runs")
     dialect.set_upstream_key(x.headers, x.query, upstream.api_key or "", upstream.auth_header)
     if not upstream.api_key:  # a local provider (vLLM, Ollama) that wants no key
-        for name in ("Authorization", "x-api-key", "x-goog-api-key", "api-key"):
+        for name in key_headers():
             x.headers.popall(name, None)
 
 
