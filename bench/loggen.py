@@ -213,8 +213,10 @@ def generate(path: Path, rows: int, seed: int = 7, end: datetime | None = None) 
     start = (end - timedelta(days=DAYS)).replace(hour=0, minute=0, second=0, microsecond=0)
     times = timestamps(rows, rng, start)
     gen = Generator(rng, start)
-    insert = (f"INSERT INTO usage ({', '.join(COLUMNS)}) "
-              f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+    # Rows carry the columns up to `error`; the class columns after it keep their 0 default.
+    written = COLUMNS[:COLUMNS.index("error") + 1]
+    insert = (f"INSERT INTO usage ({', '.join(written)}) "
+              f"VALUES ({', '.join('?' for _ in written)})")
     conn = sqlite3.connect(path)
     try:
         conn.execute("PRAGMA synchronous=OFF")

@@ -21,6 +21,7 @@ from proxy.runtime import key_digest
 from proxy.storage.readers import open_reader
 from proxy.storage.sqlite import connect, sqlite_path
 from proxy.timeparse import parse_time
+from proxy.token_classes import CLASSES, Unit
 
 FORMATS = ("table", "json", "csv")
 
@@ -170,7 +171,10 @@ def _log_connection(settings: Settings):
 
 
 # What `usage --format table` shows; json and csv carry every aggregate.
-TABLE_HIDDEN = ("cache_write_1h_tokens", "unpriced_calls", "errors", "refusals")
+# (class parts other than reasoning, and unit charges, are in json and csv only).
+TABLE_HIDDEN = (*(c.column for c in CLASSES if c.column != "reasoning_tokens"
+                  and (c.within is not None or c.unit is Unit.REQUESTS)),
+                "unpriced_calls", "errors", "refusals")
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -357,8 +361,9 @@ def cmd_pricing_show(args: argparse.Namespace) -> int:
     if period.service_tiers:
         info["service_tiers"] = {name: rates_dict(adj.apply(price.rates))
                                  for name, adj in period.service_tiers.items()}
-    if period.request_fees:
-        info["request_fees_per_1000"] = {k: str(v) for k, v in period.request_fees.items()}
+    if period.speeds:
+        info["speeds"] = {name: rates_dict(adj.apply(price.rates))
+                          for name, adj in period.speeds.items()}
     if args.format == "json":
         print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
     else:

@@ -12,10 +12,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from proxy.storage.row import UsageRow
+from proxy.token_classes import BY_COLUMN, TOKEN_COLUMNS, UNIT_COLUMNS, label
 
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
-TOKEN_CLASSES = ("input", "cached_input", "cache_write", "cache_write_1h", "output",
-                 "reasoning")
+# Label of each token column (`class="cache_write_1h"`), from proxy.token_classes.
+TOKEN_CLASSES = tuple((label(c), c) for c in TOKEN_COLUMNS)
+UNIT_CLASSES = tuple((BY_COLUMN[c].name, c) for c in UNIT_COLUMNS)
 Labels = tuple[tuple[str, str], ...]
 
 
@@ -38,6 +40,7 @@ class Metrics:
         self._known_model = known_model
         self.calls: defaultdict[Labels, int] = defaultdict(int)
         self.tokens: defaultdict[Labels, int] = defaultdict(int)
+        self.units: defaultdict[Labels, int] = defaultdict(int)
         self.cost: defaultdict[Labels, float] = defaultdict(float)
         self.unpriced: defaultdict[Labels, int] = defaultdict(int)
         self.duration: defaultdict[Labels, Histogram] = defaultdict(Histogram)
@@ -49,10 +52,14 @@ class Metrics:
         base: Labels = (("provider", row.provider or "none"), ("model", model or "none"),
                         ("key", row.key_name or "none"))
         self.calls[(*base, ("outcome", row.outcome))] += 1
-        for name in TOKEN_CLASSES:
-            value = getattr(row, f"{name}_tokens")
+        for name, column in TOKEN_CLASSES:
+            value = getattr(row, column)
             if value:
                 self.tokens[(*base, ("class", name))] += value
+        for name, column in UNIT_CLASSES:
+            value = getattr(row, column)
+            if value:
+                self.units[(*base, ("class", name))] += value
         if row.cost_usd is not None:
             self.cost[base] += row.cost_usd
         elif not row.priced:
@@ -67,6 +74,9 @@ class Metrics:
         out: list[str] = []
         _counter(out, "meterproxy_calls_total", "Calls through the proxy.", self.calls)
         _counter(out, "meterproxy_tokens_total", "Tokens by class.", self.tokens)
+        _counter(out, "meterproxy_units_total",
+                 "Charged units by class (web searches, grounded prompts, code runs).",
+                 self.units)
         _counter(out, "meterproxy_cost_usd_total", "Cost in USD of priced calls.", self.cost)
         _counter(out, "meterproxy_unpriced_calls_total", "Calls to models with no price.",
                  self.unpriced)

@@ -20,19 +20,16 @@ from typing import Any
 
 import yaml
 
-from proxy.pricing import (
-    MILLION,
+from proxy.pricing import Price, PriceBook, PricingError, cost
+from proxy.pricing.tables import (
     Adjustment,
+    DecimalLoader,
     ModelPrices,
     Period,
-    Price,
-    PriceBook,
-    PricingError,
-    _DecimalLoader,
-    _table_files,
-    cost,
     parse_table,
+    table_files,
 )
+from proxy.token_classes import GENAI_KEYS, MILLION
 from proxy.usage import Usage
 
 # Our table name -> genai-prices provider id.
@@ -46,10 +43,7 @@ RATES = ("input", "cached_input", "cache_write_5m", "cache_write_1h", "audio_inp
          "output", "audio_output")
 # Our rate -> genai-prices price key. A rate neither side names is billed at its fallback
 # (input or output), which is compared anyway, so the diff skips it rather than repeat it.
-GENAI_PRICE_KEYS = {"input": "input_mtok", "cached_input": "cache_read_mtok",
-                    "cache_write_5m": "cache_write_mtok", "cache_write_1h": "cache_write_1h_mtok",
-                    "audio_input": "input_audio_mtok", "output": "output_mtok",
-                    "audio_output": "output_audio_mtok"}
+GENAI_PRICE_KEYS = {rate: GENAI_KEYS[rate] for rate in RATES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +60,7 @@ class Problem:
 def check(book_dir: str | Path | None = None) -> list[Problem]:
     """Every problem in every table of `book_dir` (default: the bundled tables)."""
     problems: list[Problem] = []
-    for name, text in sorted(_table_files(book_dir)):
+    for name, text in sorted(table_files(book_dir)):
         problems += check_table(name, text)
     return problems
 
@@ -79,7 +73,7 @@ def check_table(name: str, text: str) -> list[Problem]:
         models = parse_table(name, text)
     except PricingError as exc:
         return [*found, Problem(name, str(exc).removeprefix(f"{name}.yaml: "))]
-    raw = yaml.load(text, Loader=_DecimalLoader)  # a SafeLoader subclass
+    raw = yaml.load(text, Loader=DecimalLoader)  # a SafeLoader subclass
     if raw.get("provider") != name:
         found.append(Problem(name, f"provider: must be {name!r}, the file's name"))
     for model_name, entry in (raw.get("models") or {}).items():

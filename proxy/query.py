@@ -28,8 +28,9 @@ from typing import Any
 
 import orjson
 
-from proxy.storage.row import COLUMNS, TOKEN_COLUMNS
+from proxy.storage.row import COLUMNS
 from proxy.timeparse import to_ts
+from proxy.token_classes import COLUMNS as CLASS_COLUMNS
 
 TAG_NAME = re.compile(r"[a-z0-9_.-]{1,64}")
 # Columns that name a thing (groupable, filterable); numbers are aggregated instead.
@@ -114,7 +115,7 @@ class UsageQuery:
     spend_only: bool = False
 
 
-SUMS = (*TOKEN_COLUMNS, "unpriced_calls", "errors", "refusals")
+SUMS = (*CLASS_COLUMNS, "unpriced_calls", "errors", "refusals")
 RATES = ("cache_hit_rate", "error_rate")
 PERCENTILES = ("p50_ms", "p95_ms")
 ORDERABLE = ("calls", "cost_usd", *SUMS, *RATES, *PERCENTILES)
@@ -219,7 +220,7 @@ def _aggregates(flavor: SqlFlavor, spend_only: bool) -> str:
              "coalesce(sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END), 0) AS unpriced_calls")
     if spend_only:
         return spend
-    sums = ", ".join(f"coalesce(sum({c}), 0) AS {c}" for c in TOKEN_COLUMNS)
+    sums = ", ".join(f"coalesce(sum({c}), 0) AS {c}" for c in CLASS_COLUMNS)
     errors = ", ".join(f"'{o}'" for o in ERROR_OUTCOMES)
     refusals = ", ".join(f"'{o}'" for o in REFUSAL_OUTCOMES)
     return (f"count(*) AS calls, {sums}, sum({flavor.cost_units}) AS cost_units, "
@@ -264,7 +265,7 @@ def usage(conn: Any, q: UsageQuery, flavor: SqlFlavor = SQLITE) -> list[dict[str
     if coarse:
         outer = [_coarse(g, flavor) for g in q.group_by]
         summed = ("calls", "cost_units", "unpriced_calls") if q.spend_only else (
-            "calls", *TOKEN_COLUMNS, "cost_units", "unpriced_calls", "errors", "refusals")
+            "calls", *CLASS_COLUMNS, "cost_units", "unpriced_calls", "errors", "refusals")
         sums = ", ".join(f"sum({c}) AS {c}" for c in summed)
         sql = (f"SELECT {', '.join(outer)}, {sums} FROM ({sql}) AS days "
                f"GROUP BY {', '.join(str(i + 1) for i in range(len(outer)))}")
@@ -334,7 +335,7 @@ def _finish(row: dict[str, Any], group_by: list[str]) -> dict[str, Any]:
         out["cost_usd"] = Decimal(int(units)) * UNITS if units is not None else Decimal(0)
         out["unpriced_calls"] = int(row["unpriced_calls"] or 0)
         return out
-    for name in TOKEN_COLUMNS:
+    for name in CLASS_COLUMNS:
         out[name] = int(row[name] or 0)
     out["cost_usd"] = Decimal(int(units)) * UNITS if units is not None else Decimal(0)
     for name in ("unpriced_calls", "errors", "refusals"):

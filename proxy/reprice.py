@@ -18,6 +18,7 @@ import orjson
 from proxy.config import Settings
 from proxy.pricing import PriceBook, cost, rounded
 from proxy.timeparse import to_ts
+from proxy.token_classes import COLUMNS
 from proxy.usage import Usage
 
 UNITS = Decimal("1e-10")
@@ -38,20 +39,14 @@ class RepriceResult:
 
 
 def usage_of(row: dict[str, Any]) -> Usage:
-    """A row's usage: its columns, refined by the class split its breakdown recorded."""
-    usage = Usage(
-        input_tokens=row["input_tokens"], cached_input_tokens=row["cached_input_tokens"],
-        cache_write_tokens=row["cache_write_tokens"],
-        cache_write_1h_tokens=row["cache_write_1h_tokens"],
-        output_tokens=row["output_tokens"], reasoning_tokens=row["reasoning_tokens"])
+    """A row's usage: its class columns, and the service tier and speed its breakdown
+    recorded (m004 copied the older rows' audio and search counts into their columns)."""
+    usage = Usage(**{c: row[c] or 0 for c in COLUMNS})
     breakdown = orjson.loads(row["cost_breakdown"]) if row["cost_breakdown"] else {}
-    classes = breakdown.get("classes", {})
-    usage.audio_input_tokens = classes.get("audio_input", {}).get("tokens", 0)
-    usage.audio_output_tokens = classes.get("audio_output", {}).get("tokens", 0)
-    usage.web_search_requests = classes.get("web_search", {}).get("requests", 0)
-    tier = breakdown.get("service_tier")
-    if isinstance(tier, str):
-        usage.service_tier = tier.split(" ", 1)[0]
+    for key in ("service_tier", "speed"):
+        value = breakdown.get(key)
+        if isinstance(value, str):
+            setattr(usage, key, value.split(" ", 1)[0])
     return usage
 
 
@@ -70,7 +65,7 @@ def reprice(conn: sqlite3.Connection, settings: Settings, prices: PriceBook,
     for raw in conn.execute(sql + " ORDER BY ts", params).fetchall():
         row = dict(raw)
         usage = usage_of(row)
-        if usage.prompt_tokens + usage.output_tokens + usage.web_search_requests == 0:
+        if not usage.billable:
             continue
         result.rows_seen += 1
         provider = settings.providers.get(row["provider"] or "")

@@ -1,38 +1,52 @@
-"""The normalised usage of one call: token classes that pricing and the log share."""
+"""The normalised usage of one call: counts by billing class, as a dialect reports them.
+
+`Usage` has one int field per column of `proxy.token_classes` (`input_tokens` is uncached
+prompt, `output_tokens` includes reasoning, parts such as `audio_input_tokens` are inside
+their parent's count), plus what the provider says about how the call was served.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import field, fields, make_dataclass
+from typing import Any
+
+from proxy.token_classes import COLUMNS, PROMPT_COLUMNS
 
 
-@dataclass(slots=True)
-class Usage:
-    """Token counts by billing class, already normalised by a dialect.
+def _prompt_tokens(self: Any) -> int:
+    """Every input token of the call, cache reads and writes included."""
+    return sum(getattr(self, c) for c in PROMPT_COLUMNS)
 
-    `input_tokens` is uncached prompt text; `cached_input_tokens` are cache reads;
-    `cache_write_tokens` counts every cache write and `cache_write_1h_tokens` the part of
-    it written for one hour. `output_tokens` includes `reasoning_tokens`. Audio counts are
-    the audio part of input and output, for tables that price audio apart.
-    """
 
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    cache_write_tokens: int = 0
-    cache_write_1h_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    audio_input_tokens: int = 0
-    audio_output_tokens: int = 0
-    web_search_requests: int = 0
-    service_tier: str | None = None
+def _billable(self: Any) -> bool:
+    """Whether anything in it can cost money (a token or a unit charge)."""
+    return any(getattr(self, c) for c in COLUMNS)
 
-    @property
-    def prompt_tokens(self) -> int:
-        """Every input token of the call, cache reads and writes included."""
-        return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
 
-    def as_dict(self) -> dict[str, int | str | None]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+def _as_dict(self: Any) -> dict[str, int | str | None]:
+    return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _counts(self: Any) -> dict[str, int]:
+    """The class columns only, as the log stores them."""
+    return {c: getattr(self, c) for c in COLUMNS}
+
+
+Usage = make_dataclass(
+    "Usage",
+    [*((c, int, field(default=0)) for c in COLUMNS),
+     # The tier the provider says served the call (priced by it, not by the request's).
+     ("service_tier", str | None, field(default=None)),
+     # Anthropic `speed` (`fast` mode has its own rates).
+     ("speed", str | None, field(default=None)),
+     # Usage of other models inside the call (Anthropic advisor iterations): (model, Usage).
+     ("nested", list, field(default_factory=list))],
+    slots=True,
+    namespace={"prompt_tokens": property(_prompt_tokens), "billable": property(_billable),
+               "as_dict": _as_dict, "counts": _counts, "__module__": __name__,
+               "__doc__": "Counts by billing class (proxy.token_classes), normalised by a "
+                          "dialect."},
+)
 
 
 def count(value: object) -> int:

@@ -25,7 +25,7 @@ def expected_cost(stack: Stack, table: str, model: str, *, input: int = 0, cache
             assert rate is not None, f"{table}/{model} has no rate for a class used"
             total += tokens * rate / MILLION
     if searches:
-        total += searches * price.period.request_fees["web_search"] / Decimal(1000)
+        total += searches * price.rates.web_search / Decimal(1000)
     return total.quantize(Decimal("1e-10"))
 
 

@@ -101,3 +101,12 @@ def test_dockerfile_lints_clean_and_runs_as_non_root() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     users = re.findall(r"^USER\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
     assert users and users[-1] not in ("root", "0")
+
+
+def test_token_class_table_is_generated_from_the_code() -> None:
+    """docs/usage-log.md shows the token classes exactly as proxy/token_classes.py has them."""
+    from proxy.token_classes import doc_table
+
+    doc = (ROOT / "docs" / "usage-log.md").read_text()
+    begin, end = "<!-- token-classes:begin -->\n", "\n<!-- token-classes:end -->"
+    assert doc[doc.index(begin) + len(begin):doc.index(end)] == doc_table()

@@ -18,8 +18,10 @@ import sqlite_utils
 from proxy import query
 from proxy.query import UsageQuery
 from proxy.storage.readers import open_reader
-from proxy.storage.row import COLUMNS, TOKEN_COLUMNS, UsageRow
+from proxy.storage.row import COLUMNS, UsageRow
+from proxy.storage.shipped import M004_COLUMNS
 from proxy.storage.sqlite import SqliteUsageLog, migrate, migrations
+from proxy.token_classes import COLUMNS as TOKEN_COLUMNS
 from tests.usagegen import make_rows
 
 START = datetime(2026, 3, 2, tzinfo=UTC)  # a Monday
@@ -271,12 +273,12 @@ def test_migrations_upgrade_an_m001_log_with_rows(tmp_path: Path) -> None:
     db = sqlite_utils.Database(path)
     migrations.apply(db, stop_before="m002_views")
     db.close()
-    insert = (f"INSERT INTO usage ({', '.join(COLUMNS)}) "
-              f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+    old = [c for c in COLUMNS if c not in M004_COLUMNS]  # what m001 created
+    insert = (f"INSERT INTO usage ({', '.join(old)}) VALUES ({', '.join('?' for _ in old)})")
     with sqlite3.connect(path) as conn:  # rows written by the old proxy
-        conn.executemany(insert, [r.values() for r in make_rows(50)])
+        conn.executemany(insert, [[getattr(r, c) for c in old] for r in make_rows(50)])
     conn.close()
-    assert migrate(path) == ["m002_views", "m003_query_indexes"]
+    assert migrate(path) == ["m002_views", "m003_query_indexes", "m004_token_classes"]
     assert migrate(path) == []
     db = sqlite_utils.Database(path)
     assert db["usage"].count == 50

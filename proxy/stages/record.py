@@ -18,6 +18,7 @@ from proxy.exchange import Exchange
 from proxy.pricing import cost, rounded
 from proxy.runtime import Runtime
 from proxy.storage.row import UsageRow
+from proxy.token_classes import PARTS
 from proxy.usage import Usage
 
 log = structlog.get_logger("meterproxy")
@@ -39,8 +40,7 @@ def price(rt: Runtime, x: Exchange) -> None:
             return  # record() counts the tokens off the loop and comes back here
         x.usage = Usage()
         x.usage_source = "provider" if x.forwarded else None
-    used = x.usage.prompt_tokens + x.usage.output_tokens + x.usage.web_search_requests
-    if not x.call.metered or not used:
+    if not x.call.metered or not x.usage.billable:
         x.cost = ZERO
         return
     assert x.upstream is not None
@@ -112,7 +112,7 @@ def estimate(x: Exchange) -> Usage:
     output = x.metered.text.count() if x.metered is not None else 0
     known = x.metered.prompt_usage if x.metered is not None else None
     if known is not None:
-        return replace(known, output_tokens=output, reasoning_tokens=0, audio_output_tokens=0)
+        return replace(known, output_tokens=output, **dict.fromkeys(PARTS["output_tokens"], 0))
     texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
     prompt = tokens.count_texts(texts, model) + overhead
     return Usage(input_tokens=prompt, output_tokens=output)
@@ -134,12 +134,7 @@ def _write(rt: Runtime, x: Exchange, duration: float) -> None:
         stream=int(x.call.stream),
         status=x.status,
         outcome=x.outcome,
-        input_tokens=usage.input_tokens,
-        cached_input_tokens=usage.cached_input_tokens,
-        cache_write_tokens=usage.cache_write_tokens,
-        cache_write_1h_tokens=usage.cache_write_1h_tokens,
-        output_tokens=usage.output_tokens,
-        reasoning_tokens=usage.reasoning_tokens,
+        **usage.counts(),
         usage_source=x.usage_source,
         cost_usd=float(x.cost) if x.cost is not None else None,
         cost_breakdown=orjson.dumps(x.cost_breakdown).decode() if x.cost_breakdown else None,

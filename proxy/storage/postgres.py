@@ -19,7 +19,15 @@ import structlog
 
 from proxy.storage import LogUnavailable
 from proxy.storage.row import COLUMNS, UsageRow
-from proxy.storage.schema import AGGREGATED, COVERING, VIEWS
+from proxy.storage.shipped import (
+    M002_VIEWS,
+    M003_COMMON,
+    M003_COVER_KEYS,
+    M003_COVERED,
+    M004_BACKFILL,
+    M004_COLUMNS,
+    M004_COVERED,
+)
 
 log = structlog.get_logger("meterproxy.usage_log")
 
@@ -84,10 +92,8 @@ def m001_usage(conn: psycopg.Connection) -> None:
 # the exact ones. The same views as SQLite's m002_views.
 @migration
 def m002_views(conn: psycopg.Connection) -> None:
-    for statement in VIEWS:
+    for statement in M002_VIEWS:
         conn.execute(statement)
-
-
 
 
 @migration
@@ -95,19 +101,31 @@ def m003_query_indexes(conn: psycopg.Connection) -> None:
     # SQLite's twin: spend by customer, feature or model reads a covering index (the
     # summed columns ride along with INCLUDE), replacing the narrower (column, ts)
     # indexes; day buckets, refusals, unpriced calls and traces are indexed too.
-    payload = ", ".join(AGGREGATED)
-    for column, others in COVERING:
+    for column, key in M003_COVER_KEYS:
         conn.execute(f"DROP INDEX idx_usage_{column}_ts")
-        conn.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage "
-                     f"({column}, ts, {others}) INCLUDE ({payload})")
+        conn.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage ({key}) "
+                     f"INCLUDE ({M003_COVERED})")
     conn.execute("CREATE INDEX idx_usage_day ON usage (substr(ts, 1, 10), ts) "
                  "INCLUDE (cost_usd, priced)")
-    conn.execute("CREATE INDEX idx_usage_outcome_ts ON usage (outcome, ts)")
-    conn.execute("CREATE INDEX idx_usage_unpriced_ts ON usage (ts) WHERE priced = 0")
-    conn.execute("CREATE INDEX idx_usage_trace_id ON usage (trace_id) "
-                 "WHERE trace_id IS NOT NULL")
+    for statement in M003_COMMON:
+        conn.execute(statement)
     if conn.execute("SELECT 1 FROM usage LIMIT 1").fetchone():
         conn.execute("ANALYZE usage")
+
+
+@migration
+def m004_token_classes(conn: psycopg.Connection) -> None:
+    # SQLite's twin: the new class columns, and the counts old breakdowns recorded.
+    for column in M004_COLUMNS:
+        conn.execute(f"ALTER TABLE usage ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0")
+    for column, cls, unit in M004_BACKFILL:
+        path = f"'{{classes,{cls},{unit}}}'"
+        conn.execute(f"UPDATE usage SET {column} = (cost_breakdown #>> {path})::bigint "
+                     f"WHERE cost_breakdown #>> {path} IS NOT NULL")
+    for column, key in M003_COVER_KEYS:
+        conn.execute(f"DROP INDEX idx_usage_{column}_cover")
+        conn.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage ({key}) "
+                     f"INCLUDE ({M004_COVERED})")
 
 
 def dsn(url: str) -> str:

@@ -1,51 +1,50 @@
-"""One usage-log row: the columns of the contract, in order."""
+"""One usage-log row: the columns of the contract, in the table's order."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import field, make_dataclass
 from operator import attrgetter
+from typing import Any
+
+from proxy.token_classes import CLASSES
+
+_CALL = (("id", str), ("ts", str), ("duration_ms", float | None), ("ttfb_ms", float | None),
+         ("key_name", str | None), ("provider", str | None), ("endpoint", str | None),
+         ("model", str | None), ("response_model", str | None), ("stream", int, 0),
+         ("status", int | None), ("outcome", str, "ok"))
+_RESULT = (("usage_source", str | None), ("cost_usd", float | None),
+           ("cost_breakdown", str | None), ("pricing_version", str | None),
+           ("priced", int, 1), ("customer", str | None), ("feature", str | None),
+           ("trace_id", str | None), ("tags", str | None),
+           ("upstream_request_id", str | None), ("error", str | None))
 
 
-@dataclass(slots=True)
-class UsageRow:
-    """A call as the usage log stores it (DESIGN.md, section 3, "Usage log")."""
-
-    id: str
-    ts: str
-    duration_ms: float | None = None
-    ttfb_ms: float | None = None
-    key_name: str | None = None
-    provider: str | None = None
-    endpoint: str | None = None
-    model: str | None = None
-    response_model: str | None = None
-    stream: int = 0
-    status: int | None = None
-    outcome: str = "ok"
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    cache_write_tokens: int = 0
-    cache_write_1h_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    usage_source: str | None = None
-    cost_usd: float | None = None
-    cost_breakdown: str | None = None
-    pricing_version: str | None = None
-    priced: int = 1
-    customer: str | None = None
-    feature: str | None = None
-    trace_id: str | None = None
-    tags: str | None = None
-    upstream_request_id: str | None = None
-    error: str | None = None
-
-    def values(self) -> tuple:
-        """The row in column order (astuple would deep-copy every value: ten times slower)."""
-        return _values(self)
+def _spec(name: str, kind: Any, *default: Any) -> tuple[str, Any, Any] | tuple[str, Any]:
+    if default:
+        return name, kind, field(default=default[0])
+    if name in ("id", "ts"):
+        return name, kind
+    return name, kind, field(default=None)
 
 
-COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRow))
-_values = attrgetter(*COLUMNS)
-TOKEN_COLUMNS = ("input_tokens", "cached_input_tokens", "cache_write_tokens",
-                 "cache_write_1h_tokens", "output_tokens", "reasoning_tokens")
+def _values(self: Any) -> tuple:
+    """The row in column order (astuple would deep-copy every value: ten times slower)."""
+    return _getter(self)
+
+
+# The first migration's token columns sit between the call and its result; columns the
+# later migrations added follow at the end, where ALTER TABLE put them.
+_FIRST = tuple((c.column, int, 0) for c in CLASSES if c.since == "m001_usage")
+_LATER = tuple((c.column, int, 0) for c in CLASSES if c.since != "m001_usage")
+
+UsageRow = make_dataclass(
+    "UsageRow",
+    [_spec(*spec) for spec in (*_CALL, *_FIRST, *_RESULT, *_LATER)],
+    slots=True,
+    namespace={"values": _values, "__module__": __name__,
+               "__doc__": 'A call as the usage log stores it (DESIGN.md, section 3, "Usage '
+                          'log"); token columns come from proxy.token_classes.'},
+)
+
+COLUMNS: tuple[str, ...] = tuple(spec[0] for spec in (*_CALL, *_FIRST, *_RESULT, *_LATER))
+_getter = attrgetter(*COLUMNS)

@@ -13,7 +13,15 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from proxy.storage.row import COLUMNS, UsageRow
-from proxy.storage.schema import AGGREGATED, COVERING, VIEWS
+from proxy.storage.shipped import (
+    M002_VIEWS,
+    M003_COMMON,
+    M003_COVER_KEYS,
+    M003_COVERED,
+    M004_BACKFILL,
+    M004_COLUMNS,
+    M004_COVERED,
+)
 
 migrations = Migrations("meterproxy")
 
@@ -63,10 +71,8 @@ def m001_usage(db: sqlite_utils.Database) -> None:
 # `meterproxy usage` gives the exact ones.
 @migrations()
 def m002_views(db: sqlite_utils.Database) -> None:
-    for statement in VIEWS:
+    for statement in M002_VIEWS:
         db.execute(statement)
-
-
 
 
 @migrations()
@@ -74,20 +80,33 @@ def m003_query_indexes(db: sqlite_utils.Database) -> None:
     # Spend by customer, feature or model (and by them together, with the provider)
     # reads a covering index in group order: no table reads, no sort. They replace the
     # narrower (customer, ts), (feature, ts) and (model, ts) indexes, which they include.
-    payload = ", ".join(AGGREGATED)
-    for column, others in COVERING:
+    for column, key in M003_COVER_KEYS:
         db.execute(f"DROP INDEX idx_usage_{column}_ts")
-        db.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage "
-                   f"({column}, ts, {others}, {payload})")
+        db.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage ({key}, {M003_COVERED})")
     # Daily spend (charts, forecasts, budgets) reads this small index in day order: no
     # sort, no table.
     db.execute("CREATE INDEX idx_usage_day ON usage (substr(ts, 1, 10), ts, cost_usd, priced)")
     # What the report looks up: refusals and errors, unpriced calls, one trace's calls.
-    db.execute("CREATE INDEX idx_usage_outcome_ts ON usage (outcome, ts)")
-    db.execute("CREATE INDEX idx_usage_unpriced_ts ON usage (ts) WHERE priced = 0")
-    db.execute("CREATE INDEX idx_usage_trace_id ON usage (trace_id) WHERE trace_id IS NOT NULL")
+    for statement in M003_COMMON:
+        db.execute(statement)
     if db.execute("SELECT 1 FROM usage LIMIT 1").fetchone():
         db.execute("ANALYZE")  # statistics of an empty table would mislead the planner later
+
+
+@migrations()
+def m004_token_classes(db: sqlite_utils.Database) -> None:
+    # New token classes and unit charges; old rows keep their meaning (each new count is
+    # a part of an older column, or a charge the old columns never held).
+    for column in M004_COLUMNS:
+        db.execute(f"ALTER TABLE usage ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    for column, cls, unit in M004_BACKFILL:
+        path = f"'$.classes.{cls}.{unit}'"
+        db.execute(f"UPDATE usage SET {column} = json_extract(cost_breakdown, {path}) "
+                   f"WHERE json_valid(cost_breakdown) "
+                   f"AND json_extract(cost_breakdown, {path}) IS NOT NULL")
+    for column, key in M003_COVER_KEYS:
+        db.execute(f"DROP INDEX idx_usage_{column}_cover")
+        db.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage ({key}, {M004_COVERED})")
 
 
 def sqlite_path(url: str) -> Path:

@@ -1,0 +1,72 @@
+"""SQL of shipped migrations that both log backends run alike, as frozen literals.
+
+A migration that has shipped never changes: its SQL is written out here (or in the
+backend's module) as it ran, not built from constants that a later change could edit.
+A change to the schema is a new migration. `tests/test_migrations.py` holds each older
+schema and checks that upgrading from it gives the schema a blank database gets.
+"""
+
+from __future__ import annotations
+
+# m002_views: Datasette-friendly views (plain sums, rounded for reading).
+M002_VIEWS = (
+    "CREATE VIEW daily_spend AS\n        SELECT substr(ts, 1, 10) AS day, count(*) AS calls,\n"
+    "        sum(input_tokens) AS input_tokens,\n"
+    "        sum(cached_input_tokens) AS cached_input_tokens,\n"
+    "        sum(cache_write_tokens) AS cache_write_tokens,\n"
+    "        sum(output_tokens) AS output_tokens,\n"
+    "        sum(reasoning_tokens) AS reasoning_tokens,\n"
+    "        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,\n"
+    "        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls\n"
+    "        FROM usage GROUP BY 1 ORDER BY 1",
+    "CREATE VIEW spend_by_customer AS\n"
+    "            SELECT substr(ts, 1, 7) AS month, customer, count(*) AS calls,\n"
+    "        sum(input_tokens) AS input_tokens,\n"
+    "        sum(cached_input_tokens) AS cached_input_tokens,\n"
+    "        sum(cache_write_tokens) AS cache_write_tokens,\n"
+    "        sum(output_tokens) AS output_tokens,\n"
+    "        sum(reasoning_tokens) AS reasoning_tokens,\n"
+    "        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,\n"
+    "        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls\n"
+    "            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC",
+    "CREATE VIEW spend_by_feature AS\n"
+    "            SELECT substr(ts, 1, 7) AS month, feature, count(*) AS calls,\n"
+    "        sum(input_tokens) AS input_tokens,\n"
+    "        sum(cached_input_tokens) AS cached_input_tokens,\n"
+    "        sum(cache_write_tokens) AS cache_write_tokens,\n"
+    "        sum(output_tokens) AS output_tokens,\n"
+    "        sum(reasoning_tokens) AS reasoning_tokens,\n"
+    "        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,\n"
+    "        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls\n"
+    "            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC",
+)
+
+# m003_query_indexes: the covered columns of spend by customer, feature or model. SQLite
+# appends them to the key; PostgreSQL carries them with INCLUDE.
+M003_COVERED = ("outcome, priced, input_tokens, cached_input_tokens, cache_write_tokens, "
+                "cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_usd, duration_ms")
+M003_COVER_KEYS = (("customer", "customer, ts, feature, provider, model"),
+                   ("feature", "feature, ts, customer, provider, model"),
+                   ("model", "model, ts, provider, customer, feature"))
+M003_COMMON = (
+    "CREATE INDEX idx_usage_outcome_ts ON usage (outcome, ts)",
+    "CREATE INDEX idx_usage_unpriced_ts ON usage (ts) WHERE priced = 0",
+    "CREATE INDEX idx_usage_trace_id ON usage (trace_id) WHERE trace_id IS NOT NULL",
+)
+
+# m004_token_classes: the columns for token classes and unit charges added in 2026-12
+# (all counts, NOT NULL DEFAULT 0), and where an older row's breakdown already recorded
+# some of them (audio parts, web searches), that count copied into the new column.
+M004_COLUMNS = ("audio_input_tokens", "image_input_tokens", "video_input_tokens",
+                "cached_audio_input_tokens", "cache_write_30m_tokens",
+                "cache_write_12h_tokens", "audio_output_tokens", "image_output_tokens",
+                "web_search_requests", "grounding_requests", "code_executions")
+# The covering indexes of m003, rebuilt to carry the new columns too, so summing every
+# class still reads no table.
+M004_COVERED = (f"{M003_COVERED}, audio_input_tokens, image_input_tokens, video_input_tokens, "
+                "cached_audio_input_tokens, cache_write_30m_tokens, cache_write_12h_tokens, "
+                "audio_output_tokens, image_output_tokens, web_search_requests, "
+                "grounding_requests, code_executions")
+M004_BACKFILL = (("audio_input_tokens", "audio_input", "tokens"),
+                 ("audio_output_tokens", "audio_output", "tokens"),
+                 ("web_search_requests", "web_search", "requests"))
