@@ -294,6 +294,38 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def export_focus(request: web.Request) -> web.StreamResponse:
+    """FOCUS 1.2 rows as CSV (`meterproxy export focus`), streamed from a cursor."""
+    from proxy import focus
+
+    _authorized(request)
+    rt = request.app[APP_RUNTIME]
+    params, now = request.query, rt.now()
+    try:
+        since = parse_time(params["since"], now) if params.get("since") else None
+        until = parse_time(params["until"], now) if params.get("until") else None
+        granularity = focus.Granularity(params.get("granularity", "day"))
+        unpriced = focus.Unpriced(params.get("unpriced", "omit"))
+    except ValueError as exc:
+        raise _bad_request(f"{exc} (granularity: hour or day; unpriced: omit or include)") \
+            from None
+    loop = asyncio.get_running_loop()
+    chunks = focus.csv_chunks(focus.export(rt.settings, since, until, granularity, unpriced))
+    first = await loop.run_in_executor(None, next, chunks)  # opens the log: errors come now
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store",
+        "Content-Disposition": 'attachment; filename="meterproxy-focus.csv"'})
+    try:
+        await response.prepare(request)
+        await response.write(first.encode())
+        while chunk := await loop.run_in_executor(None, next, chunks, ""):
+            await response.write(chunk.encode())
+        await response.write_eof()
+    finally:
+        await loop.run_in_executor(None, chunks.close)
+    return response
+
+
 def _csv_lines(rows: Any) -> bytes:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
@@ -361,6 +393,8 @@ ROUTES: tuple[tuple[str, str, Any, tuple[str, ...]], ...] = (
     ("GET", "/_meter/report", report, ("since", "until", "top", "format")),
     ("GET", "/_meter/forecast", forecast_view, ("top",)),
     ("GET", "/_meter/export.csv", export_csv, (*_USAGE_PARAMS, "columns")),
+    ("GET", "/_meter/export.focus.csv", export_focus,
+     ("since", "until", "granularity", "unpriced")),
     ("POST", "/_meter/reload", reload, ()),
 )
 

@@ -134,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report the change, write nothing")
     p.set_defaults(run=cmd_reprice)
 
+    export = sub.add_parser("export", help="the usage log in a standard format").add_subparsers(
+        metavar="FORMAT")
+    p = export.add_parser("focus", parents=[common],
+                          help="FOCUS 1.2 CostAndUsage rows for FinOps tools")
+    p.add_argument("--since", help="ISO date or datetime, or relative 30d (default: all)")
+    p.add_argument("--until", help="ISO date or datetime (exclusive), or relative")
+    p.add_argument("--granularity", choices=("hour", "day"), default="day",
+                   help="the charge period of a row (default: day)")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                   help="csv (default) or parquet (needs the parquet extra)")
+    p.add_argument("--output", help="write here instead of stdout (required for parquet)")
+    p.add_argument("--unpriced", choices=("omit", "include"), default="omit",
+                   help="calls with no price: left out and counted on stderr (default; "
+                   "FOCUS has no null cost), or listed with null costs and a note")
+    p.set_defaults(run=cmd_export_focus)
+
     p = sub.add_parser("demo", help="a simulated provider, the proxy and traffic; then a report")
     p.add_argument("--calls", type=int, default=36, help="how many calls to drive")
     p.add_argument("--keep", action="store_true", help="keep the demo database")
@@ -467,6 +483,32 @@ def cmd_reprice(args: argparse.Namespace) -> int:
     print(f"{result.rows_seen} priced rows checked, {result.rows_changed} {verb} "
           f"({result.newly_priced} newly priced); total ${result.before_usd:f} -> "
           f"${result.after_usd:f} (delta ${result.delta_usd:+f})")
+    return 0
+
+
+def cmd_export_focus(args: argparse.Namespace) -> int:
+    from proxy import focus
+
+    settings = load_settings(args.config)
+    now = datetime.now(UTC)
+    stats = focus.ExportStats()
+    rows = focus.export(settings, parse_time(args.since, now) if args.since else None,
+                        parse_time(args.until, now) if args.until else None,
+                        args.granularity, focus.Unpriced(args.unpriced), stats)
+    if args.format == "parquet":
+        if not args.output:
+            raise ValueError("--format parquet needs --output FILE")
+        focus.write_parquet(rows, args.output)
+    elif args.output:
+        with open(args.output, "w", encoding="utf-8", newline="") as out:
+            focus.write_csv(rows, out)
+    else:
+        focus.write_csv(rows, sys.stdout)
+    if stats.unpriced_calls:
+        shown = "listed with null costs" if args.unpriced == "include" else (
+            "not in the export (FOCUS has no null cost; --unpriced include lists them)")
+        print(f"meterproxy: {stats.unpriced_calls} unpriced call(s) "
+              f"({', '.join(sorted(stats.unpriced_models))}) {shown}", file=sys.stderr)
     return 0
 
 
