@@ -299,7 +299,7 @@ async def export_focus(request: web.Request) -> web.StreamResponse:
     from proxy import focus
 
     _authorized(request)
-    rt = request.app[APP_RUNTIME]
+    rt = runtime_of(request)
     params, now = request.query, rt.now()
     try:
         since = parse_time(params["since"], now) if params.get("since") else None
