@@ -17,7 +17,7 @@ import csv
 import decimal
 import io
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -25,9 +25,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.pricing import PriceBook, class_tokens, cost
+from proxy.pricing import PriceBook, cost
 from proxy.storage.charges import charge_rows
 from proxy.storage.readers import open_reader
+from proxy.token_classes import BY_COLUMN, BY_NAME, Unit, priced_counts
 from proxy.usage import Usage
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ class ListPrices:
                                  when)
         if price is None:
             return {}
-        listed = cost(usage_of(row, service_tier(breakdown)), price, when).breakdown
+        listed = cost(usage_of(row, breakdown), price, when).breakdown
         return {name: rate for name, line in listed["classes"].items()
                 if (rate := line_rate(line)[1]) is not None}
 
@@ -157,28 +158,31 @@ def table_of(version: str) -> str:
     return version.split(".yaml@", 1)[0]
 
 
-def service_tier(breakdown: dict[str, Any]) -> str | None:
-    """The service tier a breakdown notes (`flex (no table price)` -> `flex`)."""
-    note = breakdown.get("service_tier")
+def noted(breakdown: dict[str, Any], name: str) -> str | None:
+    """A tier a breakdown notes, e.g. `service_tier`: `flex (no table price)` -> `flex`."""
+    note = breakdown.get(name)
     return str(note).split(" ", 1)[0] if note else None
 
 
-def usage_of(row: dict[str, Any], tier: str | None = None) -> Usage:
-    """The Usage a logged row's count columns describe."""
-    known = {f.name for f in fields(Usage)}
-    counts = {k: v or 0 for k, v in row.items() if k in known and k != "service_tier"}
-    return Usage(**counts, service_tier=tier)
+def usage_of(row: dict[str, Any], breakdown: dict[str, Any] | None = None) -> Usage:
+    """The Usage a logged row's count columns (and its breakdown's tier notes) describe."""
+    counts = {c: row.get(c) or 0 for c in BY_COLUMN}
+    notes = breakdown or {}
+    return Usage(**counts, service_tier=noted(notes, "service_tier"),
+                 speed=noted(notes, "speed"))
 
 
-def line_rate(line: dict[str, Any]) -> tuple[int, Decimal | None, Decimal, str]:
-    """A breakdown line's (units, unit price, units per price, unit name)."""
-    if "requests" in line:
-        rate = line.get("usd_per_1000")
-        return int(line["requests"]), Decimal(rate) if rate is not None else None, \
-            _THOUSAND, "Requests"
-    rate = line.get("usd_per_mtok")
-    return int(line.get("tokens", 0)), Decimal(rate) if rate is not None else None, \
-        _MILLION, "Tokens"
+def line_rate(line: dict[str, Any]) -> tuple[int, Decimal | None]:
+    """A breakdown line's units (tokens or requests) and unit price (per 1M or per 1,000)."""
+    units = line.get("tokens", line.get("requests", 0))
+    rate = line.get("usd_per_mtok", line.get("usd_per_1000"))
+    return int(units), Decimal(rate) if rate is not None else None
+
+
+def unit_of(name: str) -> tuple[Decimal, str]:
+    """How many units one price is for, and the unit's name, for a class."""
+    requests = name in BY_NAME and BY_NAME[name].unit is Unit.REQUESTS
+    return (_THOUSAND, "Requests") if requests else (_MILLION, "Tokens")
 
 
 def focus_rows(charges: Iterable[dict[str, Any]], list_prices: ListPrices,
@@ -230,16 +234,17 @@ def _add_priced(lines: dict[tuple, _Line], row: dict[str, Any], prices: ListPric
     breakdown = _json(row["cost_breakdown"])
     version = row["pricing_version"]
     table, model = table_of(version), breakdown.get("model") or row["model"]
-    tier = service_tier(breakdown)
-    qualifiers = {"x_ServiceTier": tier, "x_ContextTier": breakdown.get("tier"),
-                  "x_TimeWindow": breakdown.get("window")}
+    tier = noted(breakdown, "service_tier")
+    qualifiers = {"x_ServiceTier": tier, "x_Speed": noted(breakdown, "speed"),
+                  "x_ContextTier": breakdown.get("tier"), "x_TimeWindow": breakdown.get("window")}
     qualifiers = {k: str(v) for k, v in qualifiers.items() if v}
     listed = prices.rates(row, breakdown) if ";override:" in version else None
     missing = set(breakdown.get("missing_rates") or ())
     for name, raw in (breakdown.get("classes") or {}).items():
-        units, rate, per, unit = line_rate(raw)
+        units, rate = line_rate(raw)
         if not units or rate is None:
             continue
+        per, unit = unit_of(name)
         list_rate = rate if listed is None else listed.get(name, rate)
         sku_id = f"{table}/{model}/{name}"
         price_id = f"{sku_id}@{version}" + "".join(f";{k[2:]}={v}"
@@ -260,13 +265,13 @@ def _add_priced(lines: dict[tuple, _Line], row: dict[str, Any], prices: ListPric
 
 
 def _add_unpriced(lines: dict[tuple, _Line], row: dict[str, Any]) -> None:
-    for name, units in class_tokens(usage_of(row)).items():
+    for name, units in priced_counts(usage_of(row).counts()).items():
         if not units:
             continue
         line = lines.get((name, None, None))
         if line is None:
             line = lines[(name, None, None)] = _Line(
-                name, _MILLION, "Tokens", f"{row['provider']}/{row['model']}/{name}", None, {},
+                name, *unit_of(name), f"{row['provider']}/{row['model']}/{name}", None, {},
                 None, None, None, None,
                 f"unpriced: no price for {row['model']!r} in the {row['provider']} table")
         line.units += units

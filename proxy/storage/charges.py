@@ -13,8 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from proxy.query import SQLITE, SqlFlavor
-from proxy.storage.row import COLUMNS
 from proxy.timeparse import to_ts
+from proxy.token_classes import COLUMNS as COUNT_COLUMNS
 
 # One charge group: the period bucket and the attribution a FOCUS row is keyed by.
 GROUP = ("period", "provider", "model", "key_name", "customer", "feature", "tags")
@@ -22,11 +22,6 @@ _FIXED = ("ts", "provider", "model", "key_name", "customer", "feature", "tags", 
           "pricing_version", "priced", "cost_breakdown")
 _PERIOD = {"hour": "substr(ts, 1, 13)", "day": "substr(ts, 1, 10)"}
 BATCH_ROWS = 2000
-
-
-def token_columns() -> tuple[str, ...]:
-    """The log's count columns (every token or request class), whatever migrations added."""
-    return tuple(c for c in COLUMNS if c.endswith(("_tokens", "_requests", "_executions")))
 
 
 def charge_rows(conn: Any, since: datetime | None, until: datetime | None,
@@ -39,7 +34,7 @@ def charge_rows(conn: Any, since: datetime | None, until: datetime | None,
     """
     if granularity not in _PERIOD:
         raise ValueError(f"granularity must be hour or day, not {granularity!r}")
-    columns = (*_FIXED, *token_columns())
+    columns = (*_FIXED, *COUNT_COLUMNS)
     p = flavor.param
     terms = ["(cost_breakdown IS NOT NULL OR priced = 0)"]
     params: list[Any] = []
