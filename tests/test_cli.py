@@ -153,8 +153,15 @@ def test_serve_meters_a_call_and_stops_cleanly(tmp_path: Path) -> None:
         stack.close()
     logs = proc.stderr.read().decode()
     assert PROVIDER_KEY not in logs and key not in logs
-    assert '"event": "call"' in logs or "call" in logs
     import sqlite3
 
-    rows = sqlite3.connect(db).execute("SELECT key_name, outcome FROM usage").fetchall()
-    assert rows == [("cli", "ok")]
+    rows = sqlite3.connect(db).execute(
+        "SELECT key_name, outcome, input_tokens, output_tokens FROM usage").fetchall()
+    assert [r[:2] for r in rows] == [("cli", "ok")]
+    # Every stderr line is one JSON event; exactly one says the call, with the row's numbers.
+    events = [json.loads(line) for line in logs.splitlines() if line.strip()]
+    calls = [e for e in events if e["event"] == "call"]
+    assert len(calls) == 1, events
+    assert (calls[0]["key"], calls[0]["provider"], calls[0]["model"], calls[0]["status"],
+            calls[0]["outcome"], calls[0]["input_tokens"], calls[0]["output_tokens"]) == (
+        "cli", "openai", "gpt-4o-mini", 200, "ok", rows[0][2], rows[0][3])

@@ -3,7 +3,8 @@
 `meterproxy demo` runs it so a newcomer sees metering without an API key; the test suite
 runs it as the fake upstream. Answers are deterministic: the reply text derives from the
 prompt and the usage is tiktoken's exact count, unless a queued Scenario says otherwise
-(custom usage, an error status, a stream cut after N chunks, a hang, a reset...).
+(custom usage, an input count off by a given offset, an error status, a stream cut after N
+chunks, a hang, a reset...).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class Scenario:
     """How the simulator answers the next call (defaults: a normal, complete answer)."""
 
     usage: dict[str, Any] | None = None  # the provider's own usage object, verbatim
+    # Added to the input count the provider reports: a number the proxy's own tokenizer
+    # cannot arrive at, so a test sees whether a row took the provider's count.
+    input_offset: int = 0
     text: str | None = None  # the reply text (default: derived from the prompt)
     model: str | None = None  # the response's model (default: the request's)
     status: int = 200
@@ -77,7 +81,7 @@ class Simulator:
 
         from proxy.dialects import registry
 
-        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app = web.Application(client_max_size=256 * 1024 * 1024, middlewares=[_unreadable])
         app[SIMULATOR] = self
         # Every dialect has its simulator module, of the same name.
         for name in registry():
@@ -103,6 +107,25 @@ class Simulator:
 
 
 SIMULATOR = web.AppKey("simulator", Simulator)
+
+
+@web.middleware
+async def _unreadable(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A request the simulator cannot read gets a 400 in its provider's shape, as a real
+    provider answers it, not a crash (the fuzz tests send every kind of body)."""
+    try:
+        return await handler(request)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        message = f"simulated provider cannot read the request: {type(exc).__name__}"
+        if request.path.startswith("/v1/messages"):
+            body: dict[str, Any] = {"type": "error", "error": {
+                "type": "invalid_request_error", "message": message}}
+        elif "/models/" in request.path:
+            body = {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
+        else:
+            body = {"error": {"message": message, "type": "invalid_request_error",
+                              "param": None, "code": None}}
+        return web.json_response(body, status=400)
 
 
 async def send_events(request: web.Request, scenario: Scenario, events: list[bytes],

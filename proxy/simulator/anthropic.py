@@ -95,14 +95,15 @@ def _blocks(payload: dict[str, Any], prompt: str, text: str) -> list[dict[str, A
     return blocks
 
 
-def _usage(prompt: str, blocks: list[dict[str, Any]], model: str | None) -> dict[str, Any]:
+def _usage(prompt: str, blocks: list[dict[str, Any]], model: str | None,
+           input_offset: int = 0) -> dict[str, Any]:
     thought = sum(tokens.count_text(b["thinking"], model) for b in blocks
                   if b["type"] == "thinking")
     written = sum(tokens.count_text(b.get("text", ""), model)
                   + (tokens.count_text(orjson.dumps(b["input"]).decode(), model)
                      if b["type"] == "server_tool_use" else 0) for b in blocks)
     usage: dict[str, Any] = {
-        "input_tokens": tokens.count_text(prompt, model),
+        "input_tokens": tokens.count_text(prompt, model) + input_offset,
         "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
         "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
         "output_tokens": written + thought, "service_tier": "standard",
@@ -124,7 +125,7 @@ async def _messages(request: web.Request, received: Received,
     model = scenario.model or payload.get("model")
     text = scenario.text if scenario.text is not None else reply_text(prompt)
     blocks = _blocks(payload, prompt, text)
-    usage = scenario.usage or _usage(prompt, blocks, model)
+    usage = scenario.usage or _usage(prompt, blocks, model, scenario.input_offset)
     ident = f"msg_sim{len(received.body):08d}"
     headers = {"request-id": f"req_sim_{len(received.body)}", **scenario.headers}
     message: dict[str, Any] = {"id": ident, "type": "message", "role": "assistant",

@@ -88,7 +88,7 @@ async def _generate(request: web.Request, payload: dict[str, Any], model: str, s
     text = scenario.text if scenario.text is not None else reply_text(prompt)
     thinks, show_thoughts = _thinking(payload)
     thought = f"Thinking about {prompt[:60]!r}: a short, plain answer will do." if thinks else ""
-    prompt_count = tokens.count_text(prompt, model)
+    prompt_count = tokens.count_text(prompt, model) + scenario.input_offset
     grounding = _grounding(payload, prompt)
     usage = scenario.usage or _usage(prompt_count, tokens.count_text(text, model),
                                      tokens.count_text(thought, model))

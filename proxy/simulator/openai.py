@@ -113,6 +113,7 @@ async def _chat(request: web.Request, received: Received, scenario: Scenario,
         return failed
     payload = orjson.loads(received.body)
     prompt, prompt_tokens = _prompt(payload)
+    prompt_tokens += scenario.input_offset
     model = scenario.model or payload.get("model") or request.match_info.get("deployment")
     text = scenario.text if scenario.text is not None else reply_text(prompt)
     usage = scenario.usage or _chat_usage(prompt_tokens, tokens.count_text(text, model))
@@ -170,6 +171,7 @@ async def _responses(request: web.Request, received: Received,
         return failed
     payload = orjson.loads(received.body)
     prompt, prompt_tokens = _prompt(payload)
+    prompt_tokens += scenario.input_offset
     model = scenario.model or payload.get("model")
     text = scenario.text if scenario.text is not None else reply_text(prompt)
     usage = scenario.usage or _responses_usage(prompt_tokens, tokens.count_text(text, model))
