@@ -35,7 +35,8 @@ class Scenario:
     cut_body_at: int | None = None  # whole bodies: reset after this many bytes
     hang_s: float = 0.0  # wait this long before answering
     reset_before_headers: bool = False
-    raw_stream: bytes | None = None  # a stream body to send verbatim
+    raw_stream: bytes | None = None  # a stream body to send verbatim, in one write
+    raw_events: list[bytes] | None = None  # a stream body to send verbatim, a write each
     chunk_delay_s: float = 0.0
     repeat: int = 1  # answer this many calls this way
 
@@ -137,6 +138,8 @@ async def send_events(request: web.Request, scenario: Scenario, events: list[byt
     await out.prepare(request)
     if scenario.raw_stream is not None:
         events = [scenario.raw_stream]
+    elif scenario.raw_events is not None:
+        events = scenario.raw_events
     try:
         for i, event in enumerate(events):
             if scenario.cut_after is not None and i >= scenario.cut_after:
