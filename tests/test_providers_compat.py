@@ -19,9 +19,10 @@ from proxy.pricing import bundled_tables_dir
 from proxy.simulator import Scenario
 from proxy.storage.row import COLUMNS
 from tests.conftest import KEY_ENV, PROVIDER_KEY, VIRTUAL_KEY, Stack, http
-from tests.expected import MILLION, expected_cost, row_cost
+from tests.expected import expected_cost, row_cost
 
 MESSAGES = [{"role": "user", "content": "Say hello to the metering proxy"}]
+NOW: list[datetime | None] = [None]  # the stack's clock: a fixed time while set, else now
 # A user's own table for models that run on their own hardware: zero price, still priced.
 LOCAL_TABLE = """\
 provider: local
@@ -40,7 +41,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     shutil.copytree(bundled_tables_dir(), tables,
                     ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     (tables / "local.yaml").write_text(LOCAL_TABLE)
-    s = Stack(tmp, {"pricing": {"dir": str(tables)}})
+    s = Stack(tmp, {"pricing": {"dir": str(tables)}},
+              clock=lambda: NOW[0] or datetime.now(UTC))
     sim = {"base_url": s.sim_url, "api_key_env": KEY_ENV}
     providers = {
         "ollama": {"base_url": s.sim_url, "dialect": "openai", "api_key_env": None,
@@ -94,27 +96,37 @@ def test_local_provider_sends_no_key_and_costs_zero(stack: Stack) -> None:
     assert row["input_tokens"] == out.usage.prompt_tokens
 
 
-def test_deepseek_own_table_and_cache_hit_fields(stack: Stack) -> None:
-    """DeepSeek prices from deepseek.yaml and names its cache hits prompt_cache_hit_tokens."""
-    now = datetime.now(UTC)
-    model = next(m.name for m in stack.runtime.prices.models("deepseek") if m.at(now))
+# deepseek-flash since 2026-09-10 (docs/providers.md): $0.15 cache miss, $0.003 cache hit,
+# $0.60 output per 1M tokens, twice that from 01:00 to 04:00 and 06:00 to 10:00 UTC. The call
+# below: 200 misses, 1,000 hits, 80 output tokens.
+DEEPSEEK_CALLS = [
+    # 200 x 0.15 + 1,000 x 0.003 + 80 x 0.60 = 81 USD per 1M calls like it
+    (datetime(2026, 11, 25, 12, 0, tzinfo=UTC), Decimal("0.000081")),
+    (datetime(2026, 11, 25, 7, 30, tzinfo=UTC), Decimal("0.000162")),  # a peak hour: x2
+]
+
+
+@pytest.mark.parametrize(("when", "cost"), DEEPSEEK_CALLS)
+def test_deepseek_own_table_and_cache_hit_fields(stack: Stack, when: datetime,
+                                                 cost: Decimal) -> None:
+    """DeepSeek prices from deepseek.yaml, peak hours included, and names its cache hits
+    prompt_cache_hit_tokens."""
     stack.sim.then(Scenario(usage={"prompt_tokens": 1200, "completion_tokens": 80,
                                    "total_tokens": 1280, "prompt_cache_hit_tokens": 1000,
                                    "prompt_cache_miss_tokens": 200}))
     before = len(stack.rows())
-    client_for(stack, "deepseek").chat.completions.create(model=model, messages=MESSAGES)
+    NOW[0] = when
+    try:
+        client_for(stack, "deepseek").chat.completions.create(model="deepseek-flash",
+                                                              messages=MESSAGES)
+    finally:
+        NOW[0] = None
     row = stack.rows(before + 1)[-1]
     assert (row["input_tokens"], row["cached_input_tokens"], row["output_tokens"]) == (200, 1000,
                                                                                        80)
     assert row["pricing_version"].startswith("deepseek.yaml@")
-    price = stack.runtime.prices.lookup("deepseek", [model], now)
-    rates = price.rates
-    when = datetime.fromisoformat(row["ts"].replace("Z", "+00:00"))
-    for window in price.period.windows:  # DeepSeek's peak and off-peak hours
-        if window.contains(when):
-            rates = window.adjustment.apply(rates)
-    cost = (200 * rates.input + 1000 * rates.cached_input + 80 * rates.output) / MILLION
-    assert row_cost(row) == cost.quantize(Decimal("1e-10"))
+    assert row["ts"].startswith(when.strftime("%Y-%m-%dT%H:%M"))
+    assert row_cost(row) == cost
 
 
 def test_openrouter_vendor_prefixed_model_priced_from_named_table(stack: Stack) -> None:
