@@ -136,9 +136,16 @@ class Stack:
         return rows[-1]
 
     async def _settle(self) -> None:
-        background = set(self.server.services.tasks.running)
-        if background:
-            await asyncio.wait(background, timeout=10)
+        """Wait for the runtime's background work, and for the work it started, to end."""
+        deadline = self.loop.time() + 10
+        while ((background := set(self.server.services.tasks.running))
+               and self.loop.time() < deadline):
+            await asyncio.wait(background, timeout=deadline - self.loop.time())
+
+    def settle(self) -> None:
+        """Return once every background task (alert claims, webhook POSTs...) has ended."""
+        self.call(self._settle())
+        assert not self.server.services.tasks.running, "background work still running"
 
     def _read(self) -> list[dict[str, Any]]:
         if not self.db.exists():
