@@ -14,7 +14,7 @@ from tests.expected import expected_cost, row_cost
 
 MODEL = "claude-haiku-4-5"
 MESSAGES = [{"role": "user", "content": "Say hello to the metering proxy"}]
-# PROVIDERS.md's recorded cache body, its writes split between the two lifetimes.
+# docs/providers.md's recorded cache body, its writes split between the two lifetimes.
 CACHED = {"cache_creation": {"ephemeral_1h_input_tokens": 1500, "ephemeral_5m_input_tokens": 456},
           "cache_creation_input_tokens": 1956, "cache_read_input_tokens": 9511,
           "input_tokens": 3, "output_tokens": 44, "service_tier": "standard"}

@@ -51,7 +51,7 @@ def every_split(dialect: Any, call: Call, data: bytes) -> tuple:
 
 
 def test_anthropic_basic_stream_takes_the_last_output_count() -> None:
-    """PROVIDERS.md's stream: output is message_delta's 6, not 6 + message_start's 1."""
+    """docs/providers.md's stream: output is message_delta's 6, not 6 + message_start's 1."""
     usage, prompt, text, model, error = every_split(
         ANTHROPIC, MESSAGES, fixture("anthropic_stream_basic.sse"))
     assert usage == Usage(input_tokens=11, output_tokens=6)

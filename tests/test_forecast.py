@@ -1,4 +1,4 @@
-"""Forecasts: the model on known series, its backtest on generated logs, and the CLI."""
+"""Forecasts: the model on known series, its backtest on a real usage series, and the CLI."""
 
 from __future__ import annotations
 
@@ -10,18 +10,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.forecastbench import SERIES, months_with_history, read_series, score
 from bench.loggen import generate
 from proxy import forecast, query
 from proxy.budgets import Budget
 from proxy.cli import main
 from proxy.storage.readers import open_reader
 
-# The bound the docs state: from the 7th of the month on, the month-end forecast is off by
-# at most 5% on average over the cut-off days (the 1M-row bench log does better: see
-# docs/visibility.md), and the actual month lands inside the 90% band most of the time.
-MAX_MEAN_ERROR = 0.05
-MIN_IN_BAND = 0.7
-
+# The bounds docs/visibility.md states, measured on a real public usage series the model
+# did not generate (Capital Bikeshare's daily rentals 2011-2012, tests/fixtures): from the
+# 7th of a month on, the month-end forecast is off by at most 7% on average (6.4% measured)
+# and by at most 5% from the 15th on (4.5%); the actual lands inside the 90% band on at
+# least 65% of the cut-off days (69%).
+MAX_MEAN_ERROR = 0.07
+MAX_LATE_ERROR = 0.05
+MIN_IN_BAND = 0.65
 
 def weekly(start: date, days: int, base: float = 100.0, growth: float = 0.0,
            pattern: tuple[float, ...] = (1.0, 1.1, 1.1, 1.0, 0.9, 0.4, 0.3)) -> dict[date, float]:
@@ -73,35 +76,32 @@ def test_a_young_log_extrapolates_today() -> None:
 
 @pytest.fixture(scope="module")
 def trend_logs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Three 20,000-row logs from the bench generator: weekly shape, 60% growth, noise."""
+    """Two 20,000-row logs from the bench generator: weekly shape, 60% growth, noise."""
     paths = []
-    for seed in (1, 2, 3):
+    for seed in (1, 2):
         path = tmp_path_factory.mktemp(f"trend{seed}") / "usage.db"
         generate(path, 20_000, seed=seed, end=datetime(2026, 4, 1, tzinfo=UTC))
         paths.append(path)
     return paths
 
 
-def test_backtest_error_within_the_stated_bound(trend_logs: list[Path]) -> None:
-    """Replayed from each day of March (the 7th on), the month-end forecast is within the
-    stated mean error of what March cost, and the band holds the actual most days."""
-    errors, in_band = [], []
-    for path in trend_logs:
-        conn, flavor = open_reader(f"sqlite:///{path}")
-        rows = query.usage(conn, query.UsageQuery(group_by=["day"], spend_only=True), flavor)
-        conn.close()
-        daily = {date.fromisoformat(r["day"]): float(r["cost_usd"]) for r in rows}
-        result = forecast.backtest(daily, date(2026, 3, 1), cutoffs=range(7, 31))
-        march = sum(v for d, v in daily.items() if d.month == 3)
-        assert all(r["actual_usd"] == pytest.approx(march) for r in result)
-        mean = statistics.mean(abs(r["error"]) for r in result)
-        assert mean <= MAX_MEAN_ERROR, (path, mean)
-        errors += [abs(r["error"]) for r in result]
-        in_band += [r["in_band"] for r in result]
-    assert sum(in_band) / len(in_band) >= MIN_IN_BAND
-    # Closer to the month's end the forecast can only get better.
-    late = [e for i, e in enumerate(errors) if i % 24 >= 17]
-    assert max(late) <= 0.03
+def test_backtest_on_a_real_series_within_the_stated_bound() -> None:
+    """Replayed from each day (the 7th on) of 22 months of a real daily usage series, the
+    month-end forecast is within the stated mean errors, better late in the month than
+    early, and the band holds the actual on most days."""
+    daily = read_series(SERIES)
+    months = months_with_history(daily)
+    assert (months[0], months[-1], len(months)) == (date(2011, 3, 1), date(2012, 12, 1), 22)
+    scores, inside = score(daily, months)
+    # The backtest's actual is the month's own sum of the file's rows.
+    december = forecast.backtest(daily, date(2012, 12, 1), [20])[0]["actual_usd"]
+    assert december == sum(v for d, v in daily.items() if (d.year, d.month) == (2012, 12))
+    errors = scores["meterproxy"]
+    early = [e for cut, e in errors if cut < 15]
+    late = [e for cut, e in errors if cut >= 15]
+    assert statistics.mean(e for _, e in errors) <= MAX_MEAN_ERROR
+    assert statistics.mean(late) <= MAX_LATE_ERROR < statistics.mean(early)
+    assert sum(inside) / len(inside) >= MIN_IN_BAND
 
 
 def test_budget_forecasts_per_scope(trend_logs: list[Path]) -> None:

@@ -17,7 +17,7 @@ from tests.expected import expected_cost, row_cost
 
 MODEL = "gemini-2.5-flash"
 PROMPT = "Say hello to the metering proxy"
-# PROVIDERS.md's recorded body with a context-cache hit.
+# docs/providers.md's recorded body with a context-cache hit.
 CACHED = {"cachedContentTokenCount": 230, "candidatesTokenCount": 51, "promptTokenCount": 345,
           "totalTokenCount": 396}
 
