@@ -1,7 +1,8 @@
 """Harness for the scale-out tests: real PostgreSQL and Redis, real `meterproxy serve` processes.
 
-PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379) are the machine's own,
-started by .ci/run. Each test module gets a fresh database and each test a fresh Redis key
+The servers come from tests/services.py: the environment's (`METERPROXY_TEST_PG`,
+`METERPROXY_TEST_REDIS`) or throwaway ones this session starts, or the tests skip with the
+install line. Each test module gets a fresh database and each test a fresh Redis key
 prefix, both removed at the end, so the tests can run again and again. A test that stops
 Redis runs its own redis-server; a test that takes PostgreSQL away closes a TCP forwarder
 that stands between meterproxy and the server.
@@ -14,7 +15,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,37 +32,24 @@ from aiohttp import web
 
 from proxy.simulator import Simulator
 from tests.conftest import KEY_ENV, PROVIDER_KEY, free_port, http
+from tests.services import postgres_url, redis_bin, redis_url
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get("METERPROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("METERPROXY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 ADMIN_KEY = "admin-secret-for-scale-tests"
 ADMIN_ENV = "METERPROXY_SCALE_ADMIN_KEY"
-
-
-def require_services() -> None:
-    """Fail (not skip) when the services CI starts are missing: the tests must run."""
-    try:
-        psycopg.connect(PG_ADMIN, connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN} (.ci/run starts it): {exc}")
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis is not reachable at {REDIS_URL} (.ci/run starts it): {exc}")
 
 
 @contextlib.contextmanager
 def pg_database() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test module; dropped afterwards."""
-    require_services()
+    admin = postgres_url()
     name = f"meterproxy_test_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+    with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+        yield admin.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -89,12 +76,12 @@ def wait_for(predicate: Any, timeout: float = 20, what: str = "condition") -> An
 @contextlib.contextmanager
 def redis_prefix() -> Iterator[str]:
     """A key prefix no other test uses; its keys are deleted afterwards."""
-    require_services()
+    url = redis_url()
     prefix = f"mptest-{secrets.token_hex(4)}:"
     try:
         yield prefix
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
+        client = redis.Redis.from_url(url)
         keys = list(client.scan_iter(f"{prefix}*", count=1000))
         if keys:
             client.delete(*keys)
@@ -105,10 +92,7 @@ class RedisServer:
     """This test's own redis-server, to stop and start without touching the shared one."""
 
     def __init__(self, tmp: Path, *, persistent: bool = False) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed")
-        self.exe = exe
+        self.exe = redis_bin()
         self.port = free_port()
         self.dir = tmp
         self.persistent = persistent

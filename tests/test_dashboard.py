@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import openai
-import pytest
 
 from tests.conftest import VIRTUAL_KEY
+from tests.services import chromium
 from tests.test_admin import ADMIN_KEY, NASTY, seeded_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-def chromium() -> str:
-    """The browser binary; its absence is a failure with the fix, never a silent skip."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.fail("Chromium is not installed, so the dashboard cannot be tested: "
-                "apt-get update && apt-get install -y chromium (.ci/run does this)")
 
 
 def headless(url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ import openai
 
 from proxy.simulator import Scenario
 from tests.conftest import VIRTUAL_KEY, Stack, Webhook
-from tests.scale import REDIS_URL, redis_prefix
+from tests.scale import redis_prefix, redis_url
 from tests.test_budgets import call_cost, chat, exact_usage
 
 
@@ -18,7 +18,7 @@ def test_two_instances_announce_each_threshold_once(tmp_path: Path) -> None:
     hook = Webhook()
     cost = call_cost()
     with redis_prefix() as prefix:
-        config = {"storage": {"ledger": f"{REDIS_URL}?prefix={prefix}"},
+        config = {"storage": {"ledger": f"{redis_url()}?prefix={prefix}"},
                   "budgets": [{"scope": {"customer": "acme"}, "period": "month",
                                "limit_usd": float(4 * cost), "enforce": "alert_only"}],
                   "alerts": {"thresholds": [0.5, 1.0], "webhook_url": hook.url}}

@@ -25,7 +25,6 @@ from proxy.storage.redis_ledger import RedisLedger
 from tests.conftest import KEY_ENV, VIRTUAL_KEY, free_port, http, sha
 from tests.scale import (
     ADMIN_ENV,
-    REDIS_URL,
     ROOT,
     ProxyProcess,
     SimServer,
@@ -33,6 +32,7 @@ from tests.scale import (
     pg_database,
     pg_rows,
     redis_prefix,
+    redis_url,
     wait_for,
     write_config,
 )
@@ -59,7 +59,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cost = call_cost()
     with pg_database() as pg_url, redis_prefix() as prefix:
         sim = SimServer()
-        ledger_url = f"{REDIS_URL}?prefix={prefix}"
+        ledger_url = f"{redis_url()}?prefix={prefix}"
         config = write_config(tmp / "meterproxy.yaml", {
             "server": {"admin_key_env": ADMIN_ENV},
             "storage": {"usage_log": pg_url, "ledger": ledger_url, "flush_interval_ms": 20,

@@ -14,13 +14,13 @@ import redis
 from proxy.storage import LedgerUnavailable, open_ledger
 from proxy.storage.ledger import Hold
 from proxy.storage.redis_ledger import RedisLedger, from_units, to_units
-from tests.scale import REDIS_URL, RedisServer, redis_prefix, wait_for
+from tests.scale import RedisServer, redis_prefix, redis_url, wait_for
 
 
 @pytest.fixture
 def ledger_url() -> Iterator[str]:
     with redis_prefix() as prefix:
-        yield f"{REDIS_URL}?prefix={prefix}"
+        yield f"{redis_url()}?prefix={prefix}"
 
 
 def hold(key: str = "k", usd: str = "0.3", tokens: int = 10, limit: str | None = "1",
