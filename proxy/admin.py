@@ -342,6 +342,34 @@ async def budgets(request: web.Request) -> web.Response:
                             body=orjson.dumps({"error": str(exc)}))
 
 
+async def reconcile(request: web.Request) -> web.Response:
+    """The meter against the provider's bill (the CLI's `reconcile --format json`).
+
+    Gemini's export file comes from `reconcile.gemini.billing_export` only: a file path is
+    never taken from a request."""
+    _authorized(request)
+    from proxy.reconcile.bill import BillingSourceError
+    from proxy.reconcile.render import reconcile_range
+    from proxy.reconcile.run import run
+
+    rt = runtime_of(request)
+    params = request.query
+    try:
+        since, until = reconcile_range(params.get("since"), params.get("until"), rt.now())
+        tolerance = Decimal(params["tolerance_pct"]) if params.get("tolerance_pct") else None
+        if tolerance is not None and not Decimal(0) <= tolerance <= Decimal(100):
+            raise ValueError("tolerance_pct takes a percentage, 0 to 100")
+        by = tuple(b for b in params.get("by", "day,model").split(",") if b)
+        result = await run(rt.settings, rt.prices, params.get("provider", ""), since, until,
+                           tolerance_pct=tolerance, by=by, session=rt.session)
+    except (ValueError, ArithmeticError) as exc:
+        raise _bad_request(str(exc) or "tolerance_pct takes a number") from None
+    except BillingSourceError as exc:
+        return web.Response(status=502, content_type="application/json",
+                            body=orjson.dumps({"error": str(exc)}))
+    return json_response(result.to_json())
+
+
 async def reload(request: web.Request) -> web.Response:
     """Re-read the configuration file; a bad one is refused and the old one stays."""
     _authorized(request)
@@ -395,6 +423,8 @@ ROUTES: tuple[tuple[str, str, Any, tuple[str, ...]], ...] = (
     ("GET", "/_meter/export.csv", export_csv, (*_USAGE_PARAMS, "columns")),
     ("GET", "/_meter/export.focus.csv", export_focus,
      ("since", "until", "granularity", "unpriced")),
+    ("GET", "/_meter/reconcile", reconcile, ("provider", "since", "until", "by",
+                                             "tolerance_pct")),
     ("POST", "/_meter/reload", reload, ()),
 )
 

@@ -19,7 +19,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
-import orjson
 import structlog
 
 from proxy import tokens
@@ -30,6 +29,7 @@ from proxy.query import SQLITE, SqlFlavor
 from proxy.storage import LedgerUnavailable
 from proxy.storage.ledger import ZERO, Balance, Hold, Ledger
 from proxy.usage import Usage
+from proxy.webhook import post_event
 
 log = structlog.get_logger("meterproxy.budgets")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -191,18 +191,8 @@ class Alerts:
 
     async def _post(self, event: dict[str, Any]) -> None:
         assert self.session is not None and self.webhook_url is not None
-        body = orjson.dumps(event)
-        for attempt in range(4):
-            try:
-                async with self.session.post(
-                        self.webhook_url, data=body, timeout=aiohttp.ClientTimeout(total=10),
-                        headers={"Content-Type": "application/json"}) as resp:
-                    if resp.status < 500:
-                        return
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                log.warning("budget_webhook_failed", attempt=attempt + 1, error=str(exc))
-            await asyncio.sleep(0.5 * 2 ** attempt)
-        log.error("budget_webhook_gave_up", budget=event["budget"])
+        if not await post_event(self.session, self.webhook_url, event, "budget"):
+            log.error("budget_webhook_gave_up", budget=event["budget"])
 
 
 class Budgets:

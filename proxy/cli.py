@@ -149,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls with no price: left out and counted on stderr (default; "
                    "FOCUS has no null cost), or listed with null costs and a note")
     p.set_defaults(run=cmd_export_focus)
+    p = sub.add_parser("reconcile", parents=[common],
+                       help="the meter against the provider's bill, per day x model x class")
+    p.add_argument("--provider", required=True, help="openai, anthropic or gemini")
+    p.add_argument("--since", default="7d", help="first day (default 7d ago)")
+    p.add_argument("--until", help="end, exclusive, rounded up to a whole day (default: "
+                   "today 00:00 UTC, so only complete days)")
+    p.add_argument("--by", default="day,model", help="day and/or model (the token class is "
+                   "always a dimension)")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.add_argument("--tolerance-pct", type=Decimal, help="allowed difference in tokens and "
+                   "dollars per cell (default: reconcile.tolerance_pct, 1)")
+    p.add_argument("--billing-export", metavar="FILE",
+                   help="gemini: a Cloud Billing export (JSON lines or CSV)")
+    p.set_defaults(run=cmd_reconcile)
 
     p = sub.add_parser("demo", help="a simulated provider, the proxy and traffic; then a report")
     p.add_argument("--calls", type=int, default=36, help="how many calls to drive")
@@ -510,6 +524,32 @@ def cmd_export_focus(args: argparse.Namespace) -> int:
         print(f"meterproxy: {stats.unpriced_calls} unpriced call(s) "
               f"({', '.join(sorted(stats.unpriced_models))}) {shown}", file=sys.stderr)
     return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Exit 1 when any cell is outside the tolerance, 2 when the bill cannot be read."""
+    from proxy.reconcile.bill import BillingSourceError
+    from proxy.reconcile.render import reconcile_range, render_text
+    from proxy.reconcile.run import run
+
+    settings = load_settings(args.config)
+    since, until = reconcile_range(args.since, args.until, datetime.now(UTC))
+    prices = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    by = tuple(b for b in args.by.split(",") if b)
+    try:
+        result = asyncio.run(run(settings, prices, args.provider, since, until,
+                                 tolerance_pct=args.tolerance_pct, by=by,
+                                 billing_export=args.billing_export))
+    except BillingSourceError as exc:
+        print(f"meterproxy: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        _print_json(result.to_json())
+    elif args.format == "csv":
+        print(render(result.rows(), "csv"))
+    else:
+        print(render_text(result))
+    return 1 if result.outside else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,6 +117,29 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class BillingSourceConfig:
+    """Where one provider's bill is read, and which of its keys/projects are the proxy's."""
+
+    base_url: str | None = None  # None: the provider's public API
+    admin_key_env: str | None = None
+    api_key_ids: list[str] = field(default_factory=list)
+    project_ids: list[str] = field(default_factory=list)  # OpenAI projects, GCP projects
+    workspace_ids: list[str] = field(default_factory=list)  # Anthropic workspaces
+    billing_export: str | None = None  # Gemini: a Cloud Billing export file (JSONL/CSV)
+
+
+@dataclass(frozen=True)
+class ReconcileConfig:
+    every: str | None = None  # e.g. 24h: the server checks the previous day this often
+    tolerance_pct: float = 1.0
+    openai: BillingSourceConfig = field(default_factory=lambda: BillingSourceConfig(
+        admin_key_env="OPENAI_ADMIN_KEY"))
+    anthropic: BillingSourceConfig = field(default_factory=lambda: BillingSourceConfig(
+        admin_key_env="ANTHROPIC_ADMIN_KEY"))
+    gemini: BillingSourceConfig = field(default_factory=BillingSourceConfig)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -129,6 +153,7 @@ class Settings:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     customers: dict[str, CustomerConfig] = field(default_factory=dict)
     unit_economics: UnitEconomicsConfig = field(default_factory=UnitEconomicsConfig)
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
     source: str = "<built-in defaults>"
 
     def provider(self, name: str) -> ProviderConfig | None:
@@ -255,9 +280,37 @@ def _validate(s: Settings) -> None:
     if not 0 < s.unit_economics.max_cost_share <= 10:
         fail("unit_economics.max_cost_share", "is a fraction of the customer's price, "
              f"e.g. 0.3, not {s.unit_economics.max_cost_share}")
+    _validate_reconcile(s.reconcile, fail)
     for key, value in s.pricing.overrides.items():
         if not isinstance(value, dict):
             fail(f"pricing.overrides.{key}", "must be a mapping")
+
+
+_INTERVAL = re.compile(r"(\d+)\s*([smhd])")
+_INTERVAL_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def interval_seconds(text: str) -> int:
+    """`30m`, `24h`, `1d` as seconds; ValueError for anything else."""
+    m = _INTERVAL.fullmatch(text.strip())
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(f"an interval is a whole number and s, m, h or d (e.g. 24h), not {text!r}")
+    return int(m.group(1)) * _INTERVAL_S[m.group(2)]
+
+
+def _validate_reconcile(r: ReconcileConfig, fail: Any) -> None:
+    if r.every is not None:
+        try:
+            interval_seconds(r.every)
+        except ValueError as exc:
+            fail("reconcile.every", str(exc))
+    if not 0 <= r.tolerance_pct <= 100:
+        fail("reconcile.tolerance_pct", f"must be a percentage, 0 to 100, not {r.tolerance_pct}")
+    for name in ("openai", "anthropic", "gemini"):
+        source: BillingSourceConfig = getattr(r, name)
+        if source.base_url is not None and not source.base_url.startswith(("http://",
+                                                                           "https://")):
+            fail(f"reconcile.{name}.base_url", f"must be an http(s) URL, not {source.base_url!r}")
 
 
 def _validate_budget(b: BudgetConfig, path: str, fail: Any) -> None:

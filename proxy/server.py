@@ -16,6 +16,8 @@ import structlog
 
 from proxy.config import Settings
 from proxy.metrics import Metrics, gauge
+from proxy.reconcile.schedule import ReconcileSchedule
+from proxy.reconcile.schedule import interval as reconcile_interval
 from proxy.runtime import Runtime, Services, Tasks, build_runtime, rebuild_all
 from proxy.storage import LedgerUnavailable, LogUnavailable, open_ledger, open_usage_log
 from proxy.storage.ledger import Ledger
@@ -31,6 +33,8 @@ class Server:
         self.services = services
         self.current = current
         self._reloading = asyncio.Lock()
+        # The scheduled bill check (`reconcile.every`), reading `current` at each run.
+        self.reconcile: ReconcileSchedule | None = None
 
     @classmethod
     async def start(cls, settings: Settings,
@@ -70,6 +74,7 @@ class Server:
             raise
         server = cls(services, first)
         metrics.gauges.append(server._gauges)
+        server._start_reconcile(settings)
         log.info("started", config=settings.source, usage_log=storage.usage_log,
                  providers=sorted(first.upstreams), auth=settings.auth.mode,
                  keys=len(first.keys), pricing_version=first.prices.digest)
@@ -107,9 +112,21 @@ class Server:
         background work (settles, final webhook alerts) finishes while the HTTP session is
         still open; then the session closes, the writer flushes every row, the ledger
         closes."""
+        if self.reconcile is not None:
+            await self.reconcile.stop()
         await self.services.tasks.drain(self.current.settings.server.grace_s)
         await _close_services(self.services)
         log.info("stopped", rows_written=self.services.writer.written)
+
+    def _start_reconcile(self, settings: Settings) -> None:
+        every = reconcile_interval(settings)
+        if every is None:
+            return
+        self.reconcile = ReconcileSchedule(
+            lambda: (self.current.settings, self.current.prices, self.current.now().date()),
+            self.services.session, every)
+        self.services.metrics.gauges.append(self.reconcile.gauges)
+        self.reconcile.start()
 
     def _gauges(self) -> Iterable[str]:
         writer = self.services.writer
