@@ -348,7 +348,7 @@ async def reconcile(request: web.Request) -> web.Response:
     Gemini's export file comes from `reconcile.gemini.billing_export` only: a file path is
     never taken from a request."""
     _authorized(request)
-    from proxy.reconcile.bill import BillingSourceError
+    from proxy.reconcile.bill import BillingNotConfigured, BillingSourceError
     from proxy.reconcile.render import reconcile_range
     from proxy.reconcile.run import run
 
@@ -364,6 +364,9 @@ async def reconcile(request: web.Request) -> web.Response:
                            tolerance_pct=tolerance, by=by, session=rt.session)
     except (ValueError, ArithmeticError) as exc:
         raise _bad_request(str(exc) or "tolerance_pct takes a number") from None
+    except BillingNotConfigured as exc:
+        return web.Response(status=409, content_type="application/json",
+                            body=orjson.dumps({"error": str(exc)}))
     except BillingSourceError as exc:
         return web.Response(status=502, content_type="application/json",
                             body=orjson.dumps({"error": str(exc)}))

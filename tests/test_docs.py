@@ -110,3 +110,21 @@ def test_token_class_table_is_generated_from_the_code() -> None:
     doc = (ROOT / "docs" / "usage-log.md").read_text()
     begin, end = "<!-- token-classes:begin -->\n", "\n<!-- token-classes:end -->"
     assert doc[doc.index(begin) + len(begin):doc.index(end)] == doc_table()
+
+
+def test_reconcile_is_documented() -> None:
+    """README's "Reconcile with your bill", and docs/reconcile.md naming every class, source
+    path and answer field, and the endpoint in the OpenAPI description."""
+    from proxy.reconcile.bill import BillClass
+
+    assert "## Reconcile with your bill" in README
+    doc = (ROOT / "docs/reconcile.md").read_text()
+    for cls in BillClass:
+        assert f"`{cls}`" in doc, cls
+    for path in ("/v1/organization/usage/completions", "/v1/organization/costs",
+                 "/v1/organizations/usage_report/messages", "/v1/organizations/cost_report"):
+        assert path in doc, path
+    for field in ("provider_tokens", "metered_cost_usd", "diff_cost_pct", "within_tolerance"):
+        assert f"`{field}`" in doc, field
+    api = yaml.safe_load((ROOT / "docs/openapi.yaml").read_text())
+    assert "/_meter/reconcile" in api["paths"]

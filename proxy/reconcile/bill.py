@@ -64,6 +64,10 @@ class BillingSourceError(Exception):
     """A billing API or export could not be read; the message names which and why."""
 
 
+class BillingNotConfigured(BillingSourceError):
+    """No admin key in the environment, or no export file named: nothing to read."""
+
+
 def in_scope(values: tuple[str | None, ...], allowed: tuple[list[str], ...]) -> bool:
     """Whether a usage group belongs to the proxy: any id in its allow-list (none set: all)."""
     if not any(allowed):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from proxy.output import table
 from proxy.reconcile.compare import Reconciliation, to_days
 from proxy.timeparse import parse_time
+
+MAX_RANGE = timedelta(days=366)
 
 
 def reconcile_range(since: str | None, until: str | None, now: datetime) -> tuple[date, date]:
@@ -16,6 +18,8 @@ def reconcile_range(since: str | None, until: str | None, now: datetime) -> tupl
                                                                 now.tzinfo)
     if end <= start:
         raise ValueError("--until must be after --since")
+    if end - start > MAX_RANGE:
+        raise ValueError(f"reconcile at most {MAX_RANGE.days} days at a time")
     return to_days(start, end)
 
 

@@ -13,7 +13,7 @@ import aiohttp
 from proxy.config import Settings
 from proxy.pricing import PriceBook
 from proxy.reconcile import anthropic, gemini, openai
-from proxy.reconcile.bill import BillingSourceError, BillLine
+from proxy.reconcile.bill import BillingNotConfigured, BillLine
 from proxy.reconcile.compare import BY_NAMES, Reconciliation, reconcile
 from proxy.storage.metered import MeteredDay, metered_by_day
 from proxy.storage.readers import open_reader
@@ -40,14 +40,14 @@ async def read_bill(settings: Settings, provider: BillingProvider, since: date, 
     if provider is BillingProvider.GEMINI:
         path = billing_export or conf.billing_export
         if not path:
-            raise BillingSourceError("gemini: give --billing-export FILE or set "
+            raise BillingNotConfigured("gemini: give --billing-export FILE or set "
                                      "reconcile.gemini.billing_export (a Cloud Billing export)")
         return await asyncio.get_running_loop().run_in_executor(
             None, gemini.read, conf, path, start, end)
     env = conf.admin_key_env
     admin_key = os.environ.get(env) if env else None
     if not admin_key:
-        raise BillingSourceError(f"{provider}: reconcile.{provider}.admin_key_env names "
+        raise BillingNotConfigured(f"{provider}: reconcile.{provider}.admin_key_env names "
                                  f"${env or '(unset)'}, which holds no admin key")
     source = openai if provider is BillingProvider.OPENAI else anthropic
     return await source.fetch(session, conf, admin_key, start, end)
