@@ -355,8 +355,14 @@ def test_serve_answers_the_api_and_the_schedule_alerts(tmp_path: Path, fake: Fak
             "output": "0.66", "effective_from": DAYS[2].isoformat()}}]
         assert '"event":"reconcile_alert"' in served.logs()
         admin = {"Authorization": "Bearer rec-admin"}
-        metrics = http("GET", f"{served.url}/metrics", headers=admin).content.decode()
+        gemini = 'meterproxy_reconcile_cells_outside_tolerance{provider="gemini"} 0'
+        while True:  # the three providers are checked one after the other
+            metrics = http("GET", f"{served.url}/metrics", headers=admin).content.decode()
+            if gemini in metrics or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert 'meterproxy_reconcile_cells_outside_tolerance{provider="openai"} 1' in metrics
+        assert 'meterproxy_reconcile_cells_outside_tolerance{provider="anthropic"} 0' in metrics
         assert 'meterproxy_reconcile_cells_outside_tolerance{provider="gemini"} 0' in metrics
         query = f"provider=openai&since={DAYS[0]}&until={UNTIL}"
         assert http("GET", f"{served.url}/_meter/reconcile?{query}").status_code == 401
