@@ -375,3 +375,18 @@ def test_serve_answers_the_api_and_the_schedule_alerts(tmp_path: Path, fake: Fak
     finally:
         served.stop()
     assert ADMIN_KEY not in served.log_path.read_text()
+
+
+def test_every_token_class_has_a_bill_class() -> None:
+    """Each class of proxy/token_classes.py is compared in a class the bills show: a new
+    class never lands in `other` unnoticed, and its parts fold the way the bills count."""
+    from proxy.reconcile.bill import BillClass, bill_class
+    from proxy.token_classes import CLASSES
+
+    for cls in CLASSES:
+        assert bill_class(cls.name) is not BillClass.OTHER, cls.name
+    assert bill_class("audio_input") is BillClass.INPUT
+    assert bill_class("cache_write_12h") is BillClass.CACHE_WRITE_5M
+    assert bill_class("cache_write_1h") is BillClass.CACHE_WRITE_1H
+    assert bill_class("cached_audio_input") is BillClass.CACHED_INPUT
+    assert bill_class("image_output") is BillClass.OUTPUT

@@ -99,10 +99,10 @@ def cost_items(page: dict) -> list[tuple[str, str, BillClass, Decimal]]:
                 continue
             if r.get("cost_type") == "web_search":
                 cls = BillClass.WEB_SEARCH
-            elif r.get("cost_type") in (None, "tokens"):
-                cls = TOKEN_TYPES.get(str(r.get("token_type")), BillClass.OTHER)
+            elif r.get("cost_type") == "code_execution":
+                cls = BillClass.CODE_EXECUTION
             else:
-                cls = BillClass.OTHER
+                cls = TOKEN_TYPES.get(str(r.get("token_type")), BillClass.OTHER)
             model = str(r.get("model") or r.get("description") or r.get("cost_type") or "")
             items.append((day, model, cls, decimal(r.get("amount")) / CENTS))
     return items

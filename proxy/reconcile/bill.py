@@ -12,11 +12,15 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from proxy import token_classes
+
 MAX_PAGES = 1000  # a billing API that never stops paging is broken, not infinite
 
 
 class BillClass(StrEnum):
-    """The token classes a bill and the meter are compared by (web_search counts requests)."""
+    """The classes a bill and the meter are compared by: the billing classes of
+    `proxy.token_classes` that providers' bills show apart (each member but `other` is a
+    class name there; finer classes fold into these, see `bill_class`)."""
 
     INPUT = "input"
     CACHED_INPUT = "cached_input"
@@ -24,23 +28,36 @@ class BillClass(StrEnum):
     CACHE_WRITE_1H = "cache_write_1h"
     OUTPUT = "output"
     WEB_SEARCH = "web_search"
+    GROUNDING = "grounding"
+    CODE_EXECUTION = "code_execution"
     OTHER = "other"  # billed items the meter has no class for (kept, never dropped)
 
 
-# The pricing breakdown's class names folded into the bill's: providers bill audio tokens
-# inside input and output.
-FROM_BREAKDOWN: dict[str, BillClass] = {
-    "input": BillClass.INPUT, "audio_input": BillClass.INPUT,
-    "cached_input": BillClass.CACHED_INPUT, "cache_write_5m": BillClass.CACHE_WRITE_5M,
-    "cache_write_1h": BillClass.CACHE_WRITE_1H, "output": BillClass.OUTPUT,
-    "audio_output": BillClass.OUTPUT, "web_search": BillClass.WEB_SEARCH,
-}
-# The `pricing.overrides` rate field for a class (web searches are a fee, not a rate).
-OVERRIDE_FIELD: dict[BillClass, str] = {
-    BillClass.INPUT: "input", BillClass.CACHED_INPUT: "cached_input",
-    BillClass.CACHE_WRITE_5M: "cache_write_5m", BillClass.CACHE_WRITE_1H: "cache_write_1h",
-    BillClass.OUTPUT: "output",
-}
+def bill_class(name: str) -> BillClass:
+    """The bill class a token class (by name) is counted in: itself when bills show it
+    apart, else the class of the column that includes it (audio input in input, 30-minute
+    cache writes in cache writes); unknown names are `other`."""
+    cls = token_classes.BY_NAME.get(name)
+    while cls is not None:
+        if cls.name in BillClass.__members__.values():
+            return BillClass(cls.name)
+        cls = token_classes.BY_COLUMN.get(cls.within) if cls.within else None
+    return BillClass.OTHER
+
+
+def per_unit(cls: BillClass) -> Decimal:
+    """How many tokens (or requests) one table price is for: 1M, or 1,000."""
+    found = token_classes.BY_NAME.get(cls.value)
+    return found.per if found is not None else token_classes.MILLION
+
+
+def override_field(cls: BillClass) -> str | None:
+    """The `pricing.overrides` key for a class's rate; None for per-request fees, which
+    an override cannot set."""
+    found = token_classes.BY_NAME.get(cls.value)
+    if found is None or found.unit is not token_classes.Unit.TOKENS:
+        return None
+    return found.rate
 
 
 @dataclass(frozen=True, slots=True)

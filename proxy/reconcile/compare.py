@@ -16,12 +16,10 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.pricing import PriceBook
-from proxy.reconcile.bill import FROM_BREAKDOWN, OVERRIDE_FIELD, BillClass, BillLine
+from proxy.reconcile.bill import BillClass, BillLine, bill_class, override_field, per_unit
 from proxy.storage.metered import MeteredDay
 
 BY_NAMES = ("day", "model")
-MILLION = Decimal(1_000_000)
-THOUSAND = Decimal(1000)
 PCT = Decimal("0.01")
 RATE = Decimal("0.000001")
 
@@ -179,13 +177,12 @@ def reconcile(provider: str, table: str, prices: PriceBook, bill: list[BillLine]
         cell.provider_usd += line.usd
     for (day, model), m in metered.items():
         name = canonical(model)
-        for cls_name, n in m.tokens.items():
-            if n:
-                result.cells.setdefault((day, name, BillClass(cls_name)), Cell()
-                                        ).metered_tokens += n
+        for cls_name, n in m.counts.items():
+            result.cells.setdefault((day, name, bill_class(cls_name)), Cell()
+                                    ).metered_tokens += n
         for cls_name, usd in m.usd.items():
-            cls = FROM_BREAKDOWN.get(cls_name, BillClass.OTHER)
-            result.cells.setdefault((day, name, cls), Cell()).metered_usd += usd
+            result.cells.setdefault((day, name, bill_class(cls_name)), Cell()
+                                    ).metered_usd += usd
     result.cells = {k: c for k, c in result.cells.items()
                     if c.provider_tokens or c.provider_usd or c.metered_tokens or c.metered_usd}
     result.drifts = explain(result, table)
@@ -214,7 +211,7 @@ def explain(result: Reconciliation, table: str) -> list[dict[str, Any]]:
 
 def _class_drift(cls: BillClass, days: list[tuple[str, Cell]], tol: Decimal
                  ) -> dict[str, Any]:
-    unit = THOUSAND if cls is BillClass.WEB_SEARCH else MILLION
+    unit = per_unit(cls)
     rates = [c.provider_usd * unit / c.provider_tokens for _, c in days]
     provider_usd = sum((c.provider_usd for _, c in days), Decimal(0))
     provider_tokens = sum(c.provider_tokens for _, c in days)
@@ -225,8 +222,7 @@ def _class_drift(cls: BillClass, days: list[tuple[str, Cell]], tol: Decimal
     mean = sum(rates, Decimal(0)) / len(rates)
     steady = bool(mean) and (max(rates) - min(rates)) * 100 / mean <= tol
     return {"token_class": str(cls), "days": [d for d, _ in days],
-            "rate_unit": "usd_per_1000_requests" if cls is BillClass.WEB_SEARCH
-            else "usd_per_mtok",
+            "rate_unit": "usd_per_mtok" if override_field(cls) else "usd_per_1000_requests",
             "implied_rate": money(implied), "metered_rate": money(ours), "steady": steady,
             "_metered_usd": metered_usd, "_metered_tokens": metered_tokens, "_unit": unit,
             "_implied": implied}
@@ -251,7 +247,7 @@ def _suggest(result: Reconciliation, table: str, model: str, entries: list[dict[
         change = -(priced_usd * pct_off / 100)
     else:
         for e in steady:
-            rate_field = OVERRIDE_FIELD.get(BillClass(e["token_class"]))
+            rate_field = override_field(BillClass(e["token_class"]))
             if rate_field is None:
                 continue  # a per-request fee: no override field; the implied rate says it
             override[rate_field] = money(e["_implied"])
@@ -271,10 +267,10 @@ def _uniform_discount(result: Reconciliation, model: str, steady: list[dict[str,
     by the same factor below 1 on the drifting days: a discount, not a price change."""
     days = {d for e in steady for d in e["days"]}
     drifting = {e["token_class"] for e in steady
-                if BillClass(e["token_class"]) in OVERRIDE_FIELD}
+                if override_field(BillClass(e["token_class"]))}
     priced = {str(cls) for (day, m, cls), c in result.cells.items()
               if m == model and day in days and c.metered_tokens
-              and cls in OVERRIDE_FIELD}
+              and override_field(cls)}
     if not priced or priced != drifting or len(priced) < 2:
         return None
     steady = [e for e in steady if e["token_class"] in drifting]

@@ -90,7 +90,7 @@ def export_line(row: dict[str, Any], conf: BillingSourceConfig) -> BillLine | No
     model, cls = sku_meaning(sku)
     usage = row.get("usage") or {}
     tokens = 0
-    if cls is BillClass.WEB_SEARCH or str(usage.get("unit", "")).lower() in TOKEN_UNITS:
+    if cls is BillClass.GROUNDING or str(usage.get("unit", "")).lower() in TOKEN_UNITS:
         tokens = number(decimal(usage.get("amount")))
     credits = sum((decimal(c.get("amount")) for c in row.get("credits") or []), Decimal(0))
     project = (row.get("project") or {}).get("id")
@@ -111,7 +111,7 @@ def sku_meaning(description: str) -> tuple[str, BillClass]:
                       *([m.group(3).lower()] if m.group(3) else [])])
     text = description.lower()
     if "search" in text or "grounding" in text:
-        return model, BillClass.WEB_SEARCH
+        return model, BillClass.GROUNDING
     if "storage" in text:
         return model, BillClass.OTHER  # context-cache storage is billed per hour, not tokens
     if "cache" in text:
