@@ -140,6 +140,13 @@ class ReconcileConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    otlp_endpoint: str | None = None  # OTLP/HTTP base URL, e.g. http://collector:4318
+    service_name: str = "meterproxy"
+    export_interval_ms: int = 10000  # how often metrics are pushed
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -154,6 +161,7 @@ class Settings:
     customers: dict[str, CustomerConfig] = field(default_factory=dict)
     unit_economics: UnitEconomicsConfig = field(default_factory=UnitEconomicsConfig)
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     source: str = "<built-in defaults>"
 
     def provider(self, name: str) -> ProviderConfig | None:
@@ -277,6 +285,11 @@ def _validate(s: Settings) -> None:
     for name, customer in s.customers.items():
         if customer.plan_usd is not None and customer.plan_usd < 0:
             fail(f"customers.{name}.plan_usd", "must not be negative")
+    endpoint = s.telemetry.otlp_endpoint
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        fail("telemetry.otlp_endpoint", f"must be an http(s) URL (OTLP/HTTP), not {endpoint!r}")
+    if s.telemetry.export_interval_ms <= 0:
+        fail("telemetry.export_interval_ms", "must be positive")
     if not 0 < s.unit_economics.max_cost_share <= 10:
         fail("unit_economics.max_cost_share", "is a fraction of the customer's price, "
              f"e.g. 0.3, not {s.unit_economics.max_cost_share}")

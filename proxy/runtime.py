@@ -33,6 +33,7 @@ from proxy.storage import LedgerUnavailable, LogUnavailable
 from proxy.storage.ledger import Ledger
 from proxy.storage.readers import open_reader
 from proxy.storage.writer import UsageWriter
+from proxy.telemetry import Telemetry
 
 log = structlog.get_logger("meterproxy")
 
@@ -89,6 +90,7 @@ class Services:
     metrics: Metrics
     tasks: Tasks
     clock: Callable[[], datetime] | None = None
+    telemetry: Telemetry | None = None  # OpenTelemetry, when telemetry.otlp_endpoint is set
     # (pricing table, model) pairs already warned about, so each is logged once.
     unpriced_warned: set[tuple[str, str | None]] = field(default_factory=set)
 
@@ -116,6 +118,10 @@ class Runtime:
     @property
     def metrics(self) -> Metrics:
         return self.services.metrics
+
+    @property
+    def telemetry(self) -> Telemetry | None:
+        return self.services.telemetry
 
     @property
     def clock(self) -> Callable[[], datetime] | None:

@@ -22,6 +22,7 @@ from proxy.runtime import Runtime, Services, Tasks, build_runtime, rebuild_all
 from proxy.storage import LedgerUnavailable, LogUnavailable, open_ledger, open_usage_log
 from proxy.storage.ledger import Ledger
 from proxy.storage.writer import UsageWriter
+from proxy.telemetry import open_telemetry
 
 log = structlog.get_logger("meterproxy")
 
@@ -59,6 +60,12 @@ class Server:
             return writer, open_ledger(storage.ledger, ledger_lost)
 
         writer, ledger = await loop.run_in_executor(None, open_storage)
+        try:
+            telemetry = await loop.run_in_executor(None, open_telemetry, settings.telemetry)
+        except BaseException:
+            await loop.run_in_executor(None, writer.close)
+            await ledger.close()
+            raise
         # One pooled session for every provider: connections are kept per host, and the
         # response body is handed to us already decoded (we ask only for gzip or deflate).
         session = aiohttp.ClientSession(
@@ -66,7 +73,7 @@ class Server:
             auto_decompress=True, skip_auto_headers=("User-Agent",))
         metrics = Metrics(known_model)
         services = Services(session=session, writer=writer, ledger=ledger, metrics=metrics,
-                            tasks=Tasks(), clock=clock)
+                            tasks=Tasks(), clock=clock, telemetry=telemetry)
         try:
             first = await build_runtime(settings, services)
         except BaseException:
@@ -148,5 +155,8 @@ class Server:
 
 async def _close_services(services: Services) -> None:
     await services.session.close()
-    await asyncio.get_running_loop().run_in_executor(None, services.writer.close)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, services.writer.close)
     await services.ledger.close()
+    if services.telemetry is not None:  # after the writer: the last rows' spans are out
+        await loop.run_in_executor(None, services.telemetry.close)

@@ -13,6 +13,7 @@ import orjson
 
 from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
+from proxy.telemetry import trace_id_of
 
 MAX_TAGS = 32
 MAX_VALUE = 256
@@ -54,6 +55,8 @@ def attribute(x: Exchange) -> None:
             strip.append(name)
     for name in strip:
         x.headers.popall(name, None)
+    if x.trace_id is None:  # the caller's W3C trace (forwarded upstream unchanged)
+        x.trace_id = trace_id_of(x.headers.get("traceparent"))
     tags = {**(x.key.tags if x.key is not None else {}), **theirs, **ours}
     if len(tags) > MAX_TAGS:
         raise MeterError(Kind.INVALID_REQUEST, f"{len(tags)} tags on one call; the limit is "

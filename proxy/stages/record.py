@@ -149,6 +149,8 @@ def _write(rt: Runtime, x: Exchange, duration: float) -> None:
     )
     rt.writer.submit(row)
     rt.metrics.observe(row)
+    if rt.telemetry is not None:
+        rt.telemetry.observe(x, row)
     if rt.budgets is not None:
         rt.budgets.settle(x)
     log.info("call", request_id=x.id, provider=x.provider, model=x.call.model,
