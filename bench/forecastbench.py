@@ -82,11 +82,8 @@ def generated_daily(rows: int, db: Path, seed: int) -> dict[date, float]:
     if not db.exists():
         print(f"generating {rows:,} rows into {db} ...", file=sys.stderr)
         generate(db, rows, seed, END)
-    conn, flavor = open_reader(f"sqlite:///{db}")
-    try:
-        rows_ = query.usage(conn, query.UsageQuery(group_by=["day"], spend_only=True), flavor)
-    finally:
-        conn.close()
+    with open_reader(f"sqlite:///{db}") as log:
+        rows_ = log.usage(query.UsageQuery(group_by=["day"], spend_only=True))
     return {date.fromisoformat(r["day"]): float(r["cost_usd"]) for r in rows_}
 
 

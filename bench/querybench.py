@@ -1,4 +1,4 @@
-"""Time `proxy.query.usage` over a usage log, for the queries people actually run.
+"""Time `LogReader.usage` over a usage log, for the queries people actually run.
 
 Made for the log `bench.loggen` writes; any meterproxy usage log works. Relative
 windows ("the last 7 days") end at the newest row, so an old file gives the same shape.
@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from bench.loggen import DEFAULT_OUT
-from proxy.query import UsageQuery, usage
-from proxy.storage.sqlite import connect
+from proxy.query import UsageQuery
+from proxy.storage.readers import open_reader
 from proxy.timeparse import parse_time
 
 
@@ -65,9 +65,9 @@ def main() -> int:
     args = parser.parse_args()
     if not args.db.exists():
         parser.error(f"no usage log at {args.db}: run python -m bench.loggen first")
-    conn = connect(args.db, readonly=True)
+    log = open_reader(f"sqlite:///{args.db}")
     try:
-        count, newest = conn.execute("SELECT count(*), max(ts) FROM usage").fetchone()
+        count, newest = log.conn.execute("SELECT count(*), max(ts) FROM usage").fetchone()
         if not count:
             parser.error(f"{args.db} has no rows")
         print(f"{args.db}: {count:,} rows, newest {newest}")
@@ -77,12 +77,12 @@ def main() -> int:
             rows = []
             for _ in range(max(args.repeat, 1)):
                 began = time.perf_counter()
-                rows = usage(conn, q)
+                rows = log.usage(q)
                 times.append(time.perf_counter() - began)
             print(f"| {name} | {len(rows)} | {times[0]:.3f} | {statistics.median(times):.3f} "
                   f"| {min(times):.3f} |")
     finally:
-        conn.close()
+        log.close()
     return 0
 
 

@@ -276,15 +276,11 @@ def write_section(path: Path, section: str) -> None:
 
 def count_rows(setup: Setup) -> int:
     """Rows in a setup's usage log (its proxies have stopped and flushed)."""
+    from proxy.query import UsageQuery
     from proxy.storage.readers import open_reader
 
-    conn, _ = open_reader(setup.usage_log)
-    try:
-        cur = conn.cursor()
-        cur.execute("SELECT count(*) FROM usage")
-        return int(cur.fetchone()[0])
-    finally:
-        conn.close()
+    with open_reader(setup.usage_log) as log:
+        return log.usage(UsageQuery(spend_only=True))[0]["calls"]
 
 
 async def run(args: argparse.Namespace, tmp: Path,

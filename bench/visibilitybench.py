@@ -27,6 +27,7 @@ from proxy.budgets import budgets_from
 from proxy.config import parse_settings
 from proxy.report import build_report
 from proxy.storage.readers import open_reader
+from proxy.storage.sql import batches
 from proxy.timeparse import parse_time
 
 # Budgets and plans shaped like the generated log's customers, keys and features.
@@ -50,13 +51,12 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[list[float], Any]:
 def export(url: str, since: Any, trace: bool = False) -> tuple[int, int]:
     """Write the CSV export of everything since `since` to nowhere, a batch at a time as
     GET /_meter/export.csv does; the rows, and with `trace` the peak Python memory."""
-    conn, flavor = open_reader(url)
+    log = open_reader(url)
     if trace:
         tracemalloc.start()
     rows, peak = 0, 0
     try:
-        cursor = query.export_cursor(conn, query.UsageQuery(since=since), flavor)
-        for batch in query.batches(cursor):
+        for batch in batches(log.export(query.UsageQuery(since=since))):
             buf = io.StringIO()
             csv.writer(buf).writerows(batch)
             rows += len(batch)
@@ -65,7 +65,7 @@ def export(url: str, since: Any, trace: bool = False) -> tuple[int, int]:
     finally:
         if trace:
             tracemalloc.stop()
-        conn.close()
+        log.close()
     return rows, peak
 
 
@@ -79,8 +79,8 @@ def main() -> int:
         parser.error(f"no usage log at {args.db}: run python -m bench.loggen first")
     url = f"sqlite:///{args.db}"
     settings = parse_settings({**CONFIG, "storage": {"usage_log": url}}, "bench")
-    conn, flavor = open_reader(url)
-    count, newest = conn.execute("SELECT count(*), max(ts) FROM usage").fetchone()
+    log = open_reader(url)
+    count, newest = log.conn.execute("SELECT count(*), max(ts) FROM usage").fetchone()
     now = parse_time(newest)
     print(f"{args.db}: {count:,} rows, newest {newest}")
     print("\n| what | first s | median s | best s |\n|---|---:|---:|---:|")
@@ -90,14 +90,14 @@ def main() -> int:
             lambda: open_reader(url), settings, now - timedelta(days=d), None, now), args.repeat)
         report_times[f"report, last {days} days (12 sections, 3 threads)"] = times
     report_times["forecast: month, top 10 customers, 3 budgets (~530 scopes)"] = timed(
-        lambda: forecast.forecast_month(conn, now, budgets_from(settings), 10, flavor),
+        lambda: forecast.forecast_month(log, now, budgets_from(settings), 10),
         args.repeat)[0]
     report_times["dashboard HTML from a 30-day report"] = timed(
         lambda: dashboard.render_page(data, [], "30d"), args.repeat)[0]
     for name, times in report_times.items():
         print(f"| {name} | {times[0]:.3f} | {statistics.median(times):.3f} | "
               f"{min(times):.3f} |")
-    conn.close()
+    log.close()
     for days in (1, 7, 30):
         began = time.perf_counter()
         rows, _ = export(url, now - timedelta(days=days))

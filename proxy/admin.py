@@ -127,15 +127,14 @@ def _usage_query(request: web.Request) -> query.UsageQuery:
 async def usage(request: web.Request) -> web.Response:
     _authorized(request)
     q = _usage_query(request)
-    rows = await _read(request, lambda conn, flavor: query.usage(conn, q, flavor))
+    rows = await _read(request, lambda log: log.usage(q))
     return json_response(rows)
 
 
 async def usage_row(request: web.Request) -> web.Response:
     """One call's row, plus `explain`: its price period, each class x rate, the total."""
     _authorized(request)
-    found = await _read(request, lambda conn, flavor: query.explain(
-        conn, request.match_info["id"], flavor))
+    found = await _read(request, lambda log: query.explain(log, request.match_info["id"]))
     if found is None:
         raise web.HTTPNotFound(text='{"error": "no such call"}', content_type="application/json")
     row = found.pop("row")
@@ -163,8 +162,8 @@ async def forecast_view(request: web.Request) -> web.Response:
     rt = runtime_of(request)
     now = rt.now()
     budgets = budgets_from(rt.settings)
-    return json_response(await _read(request, lambda conn, flavor: forecast.forecast_month(
-        conn, now, budgets, _top(request), flavor)))
+    return json_response(await _read(request, lambda log: forecast.forecast_month(
+        log, now, budgets, _top(request))))
 
 
 def _top(request: web.Request) -> int:
@@ -268,13 +267,12 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     wanted = [c for c in request.query.get("columns", "").split(",") if c]
     loop = asyncio.get_running_loop()
     rt = runtime_of(request)
-    conn, flavor = await loop.run_in_executor(None, open_reader, rt.settings.storage.usage_log)
+    log = await loop.run_in_executor(None, open_reader, rt.settings.storage.usage_log)
     try:
         columns = wanted or list(query.COLUMNS)
-        cursor = await loop.run_in_executor(None, query.export_cursor, conn, q, flavor,
-                                            columns)
+        cursor = await loop.run_in_executor(None, log.export, q, columns)
     except query.QueryError as exc:
-        await loop.run_in_executor(None, conn.close)
+        await loop.run_in_executor(None, log.close)
         raise _bad_request(str(exc)) from None
     response = web.StreamResponse(headers={
         "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store",
@@ -288,7 +286,7 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     finally:
         def close() -> None:
             cursor.close()
-            conn.close()
+            log.close()
 
         await loop.run_in_executor(None, close)
     return response
@@ -384,17 +382,15 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def _read(request: web.Request, fn: Any) -> Any:
-    """fn(connection, flavor) on a fresh read connection to the usage log, off the loop."""
+    """fn(log) on a fresh LogReader of the usage log, off the loop."""
     url = runtime_of(request).settings.storage.usage_log
 
     def run() -> Any:
-        conn, flavor = open_reader(url)
-        try:
-            return fn(conn, flavor)
-        except query.QueryError as exc:
-            raise _bad_request(str(exc)) from None
-        finally:
-            conn.close()
+        with open_reader(url) as log:
+            try:
+                return fn(log)
+            except query.QueryError as exc:
+                raise _bad_request(str(exc)) from None
 
     return await asyncio.get_running_loop().run_in_executor(None, run)
 

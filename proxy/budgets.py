@@ -25,9 +25,9 @@ from proxy import tokens
 from proxy.config import BudgetConfig, Settings
 from proxy.errors import Kind, MeterError
 from proxy.pricing import PriceBook, cost
-from proxy.query import SQLITE, SqlFlavor
 from proxy.storage import LedgerUnavailable
 from proxy.storage.ledger import ZERO, Balance, Hold, Ledger
+from proxy.storage.readers import LogReader
 from proxy.usage import Usage
 from proxy.webhook import post_event
 
@@ -367,8 +367,8 @@ def status_row(budget: Budget, scope: str, balance: Balance,
     }
 
 
-def spend_from_log(conn: Any, budgets: list[Budget], now: datetime,
-                   flavor: SqlFlavor = SQLITE) -> dict[tuple[str, str], tuple[Decimal, int]]:
+def spend_from_log(reader: LogReader, budgets: list[Budget], now: datetime
+                   ) -> dict[tuple[str, str], tuple[Decimal, int]]:
     """Each current budget period's spend, summed exactly from the usage log.
 
     Rows are grouped only by the dimensions some budget scopes on, and by hour (so each
@@ -377,33 +377,16 @@ def spend_from_log(conn: Any, budgets: list[Budget], now: datetime,
     """
     if not budgets:
         return {}
-    since = min(b.bounds(now)[0] for b in budgets).strftime("%Y-%m-%dT%H")
+    since = min(b.bounds(now)[0] for b in budgets)
     dims = sorted({dim for b in budgets for dim, _ in b.scope})
-    exprs, params = [], []
-    for dim in dims:
-        if dim.startswith("tag:"):
-            sql, extra = flavor.tag(dim[4:])
-            exprs.append(sql)
-            params += extra
-        else:
-            exprs.append("key_name" if dim == "key" else dim)
-    n = len(dims)
-    sql = (f"SELECT {''.join(e + ', ' for e in exprs)}substr(ts, 1, 13), "
-           f"sum({flavor.cost_units}), "
-           "sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens) "
-           f"FROM usage WHERE ts >= {flavor.param} "
-           f"GROUP BY {', '.join(str(i + 1) for i in range(n + 1))}")
     totals: dict[tuple[str, str], tuple[Decimal, int]] = {}
-    units = Decimal("1e-10")
     periods = [(b, *b.bounds(now)) for b in budgets]
-    for row in conn.execute(sql, [*params, since]):
-        attrs = dict(zip(dims, row[:n], strict=True))
-        at = datetime.strptime(row[n], "%Y-%m-%dT%H").replace(tzinfo=UTC)
+    for spent in reader.spend_by_hour(dims, since):
         for budget, start, end in periods:
-            scope = budget.concrete_scope(attrs)
-            if scope is None or at < start or (end is not None and at >= end):
+            scope = budget.concrete_scope(spent.attrs)
+            if scope is None or spent.hour < start or (end is not None and spent.hour >= end):
                 continue
             k = (budget.key(scope, start), scope)
             usd, count = totals.get(k, (ZERO, 0))
-            totals[k] = (usd + Decimal(row[n + 1] or 0) * units, count + int(row[n + 2] or 0))
+            totals[k] = (usd + spent.usd, count + spent.tokens)
     return totals

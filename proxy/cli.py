@@ -14,12 +14,11 @@ from typing import Any
 import orjson
 
 from proxy import query
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.config import ConfigError, load_settings
 from proxy.output import render
 from proxy.pricing import PriceBook, PricingError, rates_dict
 from proxy.runtime import key_digest
 from proxy.storage.readers import open_reader
-from proxy.storage.sqlite import connect, sqlite_path
 from proxy.timeparse import parse_time
 from proxy.token_classes import CLASSES, Unit
 
@@ -196,10 +195,6 @@ def _run(coro: Any) -> None:
         asyncio.run(coro)
 
 
-def _log_connection(settings: Settings):
-    return open_reader(settings.storage.usage_log)[0]
-
-
 # What `usage --format table` shows; json and csv carry every aggregate.
 # (class parts other than reasoning, and unit charges, are in json and csv only).
 TABLE_HIDDEN = (*(c.column for c in CLASSES if c.column != "reasoning_tokens"
@@ -219,11 +214,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
         limit=args.top,
         durations=args.durations,
     )
-    conn, flavor = open_reader(settings.storage.usage_log)
-    try:
-        rows = query.usage(conn, q, flavor)
-    finally:
-        conn.close()
+    with open_reader(settings.storage.usage_log) as log:
+        rows = log.usage(q)
     if args.format == "table":
         rows = [{k: _rate(k, v) for k, v in r.items() if k not in TABLE_HIDDEN} for r in rows]
     print(render(rows, args.format))
@@ -239,7 +231,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     now = datetime.now(UTC)
-    open_reader(settings.storage.usage_log)[0].close()  # a missing log: one clear error
+    open_reader(settings.storage.usage_log).close()  # a missing log: one clear error
     data = build_report(lambda: open_reader(settings.storage.usage_log), settings,
                         parse_time(args.since, now),
                         parse_time(args.until, now) if args.until else None, now, args.top)
@@ -257,11 +249,8 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     now = parse_time(args.as_of) if args.as_of else datetime.now(UTC)
-    conn, flavor = open_reader(settings.storage.usage_log)
-    try:
-        data = forecast_month(conn, now, budgets_from(settings), args.top, flavor)
-    finally:
-        conn.close()
+    with open_reader(settings.storage.usage_log) as log:
+        data = forecast_month(log, now, budgets_from(settings), args.top)
     if args.format == "json":
         _print_json(data)
         return 0
@@ -296,11 +285,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     budgets = budgets_from(settings)
     now = datetime.now(UTC)
-    conn, flavor = open_reader(settings.storage.usage_log)
-    try:
-        totals = spend_from_log(conn, budgets, now, flavor)
-    finally:
-        conn.close()
+    with open_reader(settings.storage.usage_log) as log:
+        totals = spend_from_log(log, budgets, now)
     rows = []
     for budget, scope, key, end in current_periods(budgets, {s for _, s in totals}, now):
         usd, count = totals.get((key, scope), (Decimal(0), 0))
@@ -311,11 +297,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    conn, flavor = open_reader(settings.storage.usage_log)
-    try:
-        found = query.explain(conn, args.id, flavor)
-    finally:
-        conn.close()
+    with open_reader(settings.storage.usage_log) as log:
+        found = query.explain(log, args.id)
     if found is None:
         print(f"meterproxy: no call {args.id} in the usage log", file=sys.stderr)
         return 1
@@ -435,17 +418,13 @@ def cmd_pricing_check(args: argparse.Namespace) -> int:
     print(f"{len(book.tables)} tables, {models} models, version {book.digest}: "
           f"{len(problems)} problem(s)")
     if args.unpriced:
-        conn = _log_connection(settings)
-        try:
-            rows = conn.execute(
-                "SELECT provider, model, count(*), min(ts), max(ts) FROM usage WHERE priced = 0 "
-                "GROUP BY 1, 2 ORDER BY 3 DESC").fetchall()
-        finally:
-            conn.close()
+        with open_reader(settings.storage.usage_log) as log:
+            rows = log.unpriced_models()
         print("\nunpriced models in the usage log:" if rows else "\nno unpriced calls logged")
         if rows:
-            print(render([{"provider": p, "model": m, "calls": n, "first": a, "last": b}
-                          for p, m, n, a, b in rows], "table"))
+            print(render([{"provider": r["provider"], "model": r["model"], "calls": r["calls"],
+                           "first": r["first_ts"], "last": r["last_ts"]} for r in rows],
+                         "table"))
     return 1 if problems else 0
 
 
@@ -478,16 +457,10 @@ def cmd_reprice(args: argparse.Namespace) -> int:
     from proxy.reprice import reprice
 
     settings = load_settings(args.config)
-    path = sqlite_path(settings.storage.usage_log)
-    if not path.exists():
-        raise ValueError(f"no usage log at {path}")
     book = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
-    conn = connect(path)
-    try:
-        result = reprice(conn, settings, book, parse_time(args.since),
+    with open_reader(settings.storage.usage_log, writable=not args.dry_run) as log:
+        result = reprice(log, settings, book, parse_time(args.since),
                          parse_time(args.until) if args.until else None, dry_run=args.dry_run)
-    finally:
-        conn.close()
     for change in result.changes[:20]:
         print(f"{change['id']}  {change['model']}: {change['before_usd']} -> "
               f"{change['after_usd']}  ({change['pricing_version']})")

@@ -24,7 +24,7 @@ from proxy.logs import configure
 from proxy.output import render
 from proxy.runtime import key_digest
 from proxy.simulator import Simulator
-from proxy.storage.sqlite import connect
+from proxy.storage.readers import open_reader
 
 CUSTOMERS = ("acme", "globex")
 FEATURES = ("search", "summarise", "chat")
@@ -50,19 +50,16 @@ def run_demo(calls: int = 36, keep: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="meterproxy-demo-"))
     db = workdir / "demo.db"
     asyncio.run(_demo(db, calls))
-    conn = connect(db, readonly=True)
-    try:
+    with open_reader(f"sqlite:///{db}") as log:
         print("\nSpend by customer and feature:")
         groups = ["customer", "feature"]
-        print(_report(query.usage(conn, query.UsageQuery(group_by=groups)), groups))
+        print(_report(log.usage(query.UsageQuery(group_by=groups)), groups))
         print("\nSpend by model:")
         groups = ["provider", "model"]
-        print(_report(query.usage(conn, query.UsageQuery(group_by=groups)), groups))
-        total = query.usage(conn, query.UsageQuery())[0]
+        print(_report(log.usage(query.UsageQuery(group_by=groups)), groups))
+        total = log.usage(query.UsageQuery())[0]
         print(f"\n{total['calls']} calls, ${total['cost_usd']:.6f} in all, every one priced "
               "from the bundled tables and attributed from X-Meter-* headers.")
-    finally:
-        conn.close()
     if keep:
         print(f"\nThe demo's usage log: {db}\n  try: meterproxy usage --group-by "
               f"customer,model (with storage.usage_log: sqlite:///{db})")

@@ -21,9 +21,9 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from proxy import query
 from proxy.budgets import Budget
-from proxy.query import SQLITE, SqlFlavor, UsageQuery
+from proxy.query import UsageQuery
+from proxy.storage.readers import LogReader
 
 HISTORY_DAYS = 56  # eight weeks: enough for a weekday pattern, recent enough for a trend
 TREND_DAYS = 28  # the line is fitted to the last four weeks
@@ -209,10 +209,10 @@ def _floats(daily: Mapping[date, Decimal]) -> dict[date, float]:
     return {d: float(v) for d, v in daily.items()}
 
 
-def hourly_profile(conn: Any, now: datetime, flavor: SqlFlavor = SQLITE) -> dict[int, float]:
+def hourly_profile(log: LogReader, now: datetime) -> dict[int, float]:
     """Spend per UTC hour of day over the last week (how a day's spend is spread)."""
-    rows = query.usage(conn, UsageQuery(since=now - timedelta(days=7), until=now,
-                                        group_by=["hour"], spend_only=True), flavor)
+    rows = log.usage(UsageQuery(since=now - timedelta(days=7), until=now,
+                                        group_by=["hour"], spend_only=True))
     profile: dict[int, float] = defaultdict(float)
     for row in rows:
         profile[int(row["hour"][11:13])] += float(row["cost_usd"])
@@ -223,32 +223,32 @@ def history_start(now: datetime) -> datetime:
     return datetime.combine(now.date() - timedelta(days=HISTORY_DAYS), time(), UTC)
 
 
-def forecast_month(conn: Any, now: datetime, budgets: list[Budget] | None = None,
-                   top: int = 10, flavor: SqlFlavor = SQLITE) -> dict[str, Any]:
+def forecast_month(log: LogReader, now: datetime, budgets: list[Budget] | None = None,
+                   top: int = 10) -> dict[str, Any]:
     """This month's forecast in total and for the top customers (by the last two weeks'
     spend), and each budget's current period: spent, forecast, band, and the day it runs
     out if it will."""
     start, end = month_bounds(now)
     since = history_start(now)
-    profile = hourly_profile(conn, now, flavor)
-    total_daily = _series(query.usage(conn, UsageQuery(
-        since=since, until=now, group_by=["day"], spend_only=True), flavor), [])[()]
+    profile = hourly_profile(log, now)
+    total_daily = _series(log.usage(UsageQuery(
+        since=since, until=now, group_by=["day"], spend_only=True)), [])[()]
     total_floats = _floats(total_daily)
     history = {d: v for d, v in total_floats.items() if d < now.date()}
     factors = weekday_factors(history)
     total = project(total_floats, now, start, end, profile, factors)
-    recent = query.usage(conn, UsageQuery(
+    recent = log.usage(UsageQuery(
         since=now - timedelta(days=14), until=now, group_by=["customer"],
-        exclude={"customer": ""}, limit=top, spend_only=True), flavor)
+        exclude={"customer": ""}, limit=top, spend_only=True))
     names = [r["customer"] for r in recent]
     known: dict[tuple, Series] = {}
     if any(b.scope == (("customer", "*"),) for b in budgets or []):
         # A budget per customer needs every customer's series; the top ones are in it.
-        by_customer = _scope_series(conn, known, ["customer"], {}, now, flavor)
+        by_customer = _scope_series(log, known, ["customer"], {}, now)
     elif names:
-        by_customer = _series(query.usage(conn, UsageQuery(
+        by_customer = _series(log.usage(UsageQuery(
             since=since, until=now, group_by=["customer", "day"], where={"customer": names},
-            spend_only=True), flavor), ["customer"])
+            spend_only=True)), ["customer"])
     else:
         by_customer = {}
     customers = [{"customer": name,
@@ -262,14 +262,13 @@ def forecast_month(conn: Any, now: datetime, budgets: list[Budget] | None = None
         "total": _money(total),
         "projected": [(d.isoformat(), round(usd, 4)) for d, usd in total.days],
         "customers": customers,
-        "budgets": budget_forecasts(conn, budgets or [], now, profile, flavor, known,
-                                    factors),
+        "budgets": budget_forecasts(log, budgets or [], now, profile, known, factors),
     }
 
 
-def budget_forecasts(conn: Any, budgets: list[Budget], now: datetime,
+def budget_forecasts(log: LogReader, budgets: list[Budget], now: datetime,
                      profile: Mapping[int, float] | None = None,
-                     flavor: SqlFlavor = SQLITE, known: dict[tuple, Series] | None = None,
+                     known: dict[tuple, Series] | None = None,
                      factors: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """Each budget's current period (one row per scope for `*` budgets), most at risk first.
 
@@ -293,8 +292,8 @@ def budget_forecasts(conn: Any, budgets: list[Budget], now: datetime,
                 groups.append(column)
             else:
                 where[column] = want
-        series = _scope_series(conn, known, groups, where, now, flavor)
-        spent = _spent(conn, series, groups, where, start, now, flavor)
+        series = _scope_series(log, known, groups, where, now)
+        spent = _spent(log, series, groups, where, start, now)
         limit = float(budget.limit_usd)
         for key, daily in series.items():
             if any(v is None for v in key):
@@ -317,8 +316,8 @@ def budget_forecasts(conn: Any, budgets: list[Budget], now: datetime,
     return rows
 
 
-def _scope_series(conn: Any, known: dict[tuple, Series], groups: list[str],
-                  where: dict[str, str], now: datetime, flavor: SqlFlavor) -> Series:
+def _scope_series(log: LogReader, known: dict[tuple, Series], groups: list[str],
+                  where: dict[str, str], now: datetime) -> Series:
     """Daily spend per value of `groups` among calls matching `where`, read once."""
     dims = tuple(sorted([*groups, *where]))
     if dims in known:  # e.g. customer=acme from the per-customer series
@@ -328,24 +327,24 @@ def _scope_series(conn: Any, known: dict[tuple, Series], groups: list[str],
             if all(key[index[c]] == v for c, v in where.items()):
                 out[tuple(key[index[g]] for g in groups)] = daily
         return out or ({(): {}} if not groups else {})
-    series = _series(query.usage(conn, UsageQuery(
+    series = _series(log.usage(UsageQuery(
         since=history_start(now), until=now, group_by=[*groups, "day"], where=dict(where),
-        spend_only=True), flavor), groups)
+        spend_only=True)), groups)
     if not where:
         known[dims] = series
     return series if series or groups else {(): {}}
 
 
-def _spent(conn: Any, series: Series, groups: list[str], where: dict[str, str],
-           start: datetime, now: datetime, flavor: SqlFlavor) -> dict[tuple, Decimal]:
+def _spent(log: LogReader, series: Series, groups: list[str], where: dict[str, str],
+           start: datetime, now: datetime) -> dict[tuple, Decimal]:
     """Exact spend since the period's start: from the daily series when the period starts
     at a UTC midnight inside the history, else from the log."""
     if start.astimezone(UTC).time() == time() and start >= history_start(now):
         first = start.astimezone(UTC).date()
         return {key: sum((v for d, v in daily.items() if d >= first), Decimal(0))
                 for key, daily in series.items()}
-    rows = query.usage(conn, UsageQuery(since=start, until=now, group_by=groups,
-                                        where=dict(where), spend_only=True), flavor)
+    rows = log.usage(UsageQuery(since=start, until=now, group_by=groups,
+                                        where=dict(where), spend_only=True))
     return {tuple(r[g] for g in groups): r["cost_usd"] for r in rows}
 
 

@@ -1,7 +1,7 @@
 """The spend report: where the money went, what is wrong, and what the month will cost.
 
-One function gathers every section from the query layer (a few queries, run on a small
-thread pool with a connection each); the CLI prints it as text, the admin API returns it
+One function gathers every section from the usage log's reader (a few queries, run on a
+small thread pool with a connection each); the CLI prints it as text, the admin API returns it
 as JSON, and the dashboard draws it.
 """
 
@@ -18,10 +18,11 @@ from proxy import forecast, query
 from proxy.budgets import budgets_from
 from proxy.config import Settings
 from proxy.output import table
-from proxy.query import SqlFlavor, UsageQuery
+from proxy.query import UsageQuery
+from proxy.storage.readers import LogReader
 from proxy.timeparse import to_ts
 
-Opener = Callable[[], tuple[Any, SqlFlavor]]
+Opener = Callable[[], LogReader]
 DAYS_PER_MONTH = Decimal("30.436875")  # the Gregorian average: prorates a monthly price
 CENT = Decimal("0.01")
 
@@ -44,27 +45,27 @@ class Window:
 
 
 def _sections(window: Window, settings: Settings, top: int) -> dict[str, Callable]:
-    """Each section as a function of (connection, flavor); they run independently."""
+    """Each section as a function of a LogReader; they run independently."""
     customers = sorted(settings.customers)
 
-    def usage(**kw: Any) -> Callable:
-        return lambda conn, fl: query.usage(conn, window.q(**kw), fl)
+    def usage(**kw: Any) -> Callable[[LogReader], Any]:
+        return lambda log: log.usage(window.q(**kw))
 
-    sections: dict[str, Callable] = {
-        "totals": lambda conn, fl: query.usage(conn, window.q(durations=True), fl)[0],
+    sections: dict[str, Callable[[LogReader], Any]] = {
+        "totals": lambda log: log.usage(window.q(durations=True))[0],
         "daily": usage(group_by=["day"], order_by="day", spend_only=True),
         "by_provider": usage(group_by=["provider"], exclude={"provider": ""}),
         "by_model": usage(group_by=["provider", "model"], exclude={"model": ""}, limit=top),
         "by_customer": usage(group_by=["customer"], limit=top),
         "by_feature": usage(group_by=["feature"], limit=top),
         "top_traces": usage(group_by=["trace_id"], exclude={"trace_id": ""}, limit=top),
-        "unpriced": lambda conn, fl: unpriced_models(conn, window, fl),
+        "unpriced": lambda log: log.unpriced_models(window.since, window.until),
         "refusals": usage(group_by=["customer", "feature"], where={"outcome": "budget_exceeded"},
                           order_by="calls", limit=top),
         "errors": usage(group_by=["provider", "outcome"],
                         where={"outcome": list(query.ERROR_OUTCOMES)}, order_by="calls"),
-        "forecast": lambda conn, fl: forecast.forecast_month(
-            conn, window.now, budgets_from(settings), top, fl),
+        "forecast": lambda log: forecast.forecast_month(
+            log, window.now, budgets_from(settings), top),
     }
     if customers:
         sections["plan_customers"] = usage(group_by=["customer"],
@@ -72,16 +73,7 @@ def _sections(window: Window, settings: Settings, top: int) -> dict[str, Callabl
     return sections
 
 
-def unpriced_models(conn: Any, window: Window, flavor: SqlFlavor) -> list[dict[str, Any]]:
-    """Models called without a price: how often and when first and last (`priced = 0`)."""
-    terms, params = query.conditions(window.q(where={"priced": "0"}), flavor)
-    sql = ("SELECT provider, model, count(*) AS calls, min(ts) AS first_ts, "
-           f"max(ts) AS last_ts FROM usage WHERE {' AND '.join(terms)} "
-           "GROUP BY provider, model ORDER BY calls DESC")
-    return query.fetch_dicts(conn, sql, params)
-
-
-def build_report(open_conn: Opener, settings: Settings, since: datetime,
+def build_report(open_log: Opener, settings: Settings, since: datetime,
                  until: datetime | None = None, now: datetime | None = None, top: int = 10,
                  workers: int = 3) -> dict[str, Any]:
     """Every section of the report, as plain data (Decimals for exact money)."""
@@ -89,12 +81,9 @@ def build_report(open_conn: Opener, settings: Settings, since: datetime,
     window = Window(since, until, now)
     sections = _sections(window, settings, top)
 
-    def run(fn: Callable) -> Any:
-        conn, flavor = open_conn()
-        try:
-            return fn(conn, flavor)
-        finally:
-            conn.close()
+    def run(fn: Callable[[LogReader], Any]) -> Any:
+        with open_log() as log:
+            return fn(log)
 
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
         futures = {name: pool.submit(run, fn) for name, fn in sections.items()}

@@ -7,7 +7,6 @@ the table in force at the row's own timestamp. Rows without tokens keep their ze
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -17,7 +16,7 @@ import orjson
 
 from proxy.config import Settings
 from proxy.pricing import PriceBook, cost, rounded
-from proxy.timeparse import to_ts
+from proxy.storage.readers import CostUpdate, LogReader
 from proxy.token_classes import COLUMNS
 from proxy.usage import Usage
 
@@ -42,7 +41,7 @@ def usage_of(row: dict[str, Any]) -> Usage:
     """A row's usage: its class columns, and the service tier and speed its breakdown
     recorded (m004 copied the older rows' audio and search counts into their columns)."""
     usage = Usage(**{c: row[c] or 0 for c in COLUMNS})
-    breakdown = orjson.loads(row["cost_breakdown"]) if row["cost_breakdown"] else {}
+    breakdown = row["cost_breakdown"] or {}
     for key in ("service_tier", "speed"):
         value = breakdown.get(key)
         if isinstance(value, str):
@@ -50,20 +49,14 @@ def usage_of(row: dict[str, Any]) -> Usage:
     return usage
 
 
-def reprice(conn: sqlite3.Connection, settings: Settings, prices: PriceBook,
+def reprice(log: LogReader, settings: Settings, prices: PriceBook,
             since: datetime, until: datetime | None = None, *, dry_run: bool = False
             ) -> RepriceResult:
-    """Recompute cost_usd, cost_breakdown, pricing_version and priced for rows in range."""
-    conn.row_factory = sqlite3.Row
-    sql = "SELECT * FROM usage WHERE ts >= ?"
-    params: list[Any] = [to_ts(since)]
-    if until is not None:
-        sql += " AND ts < ?"
-        params.append(to_ts(until))
+    """Recompute cost_usd, cost_breakdown, pricing_version and priced for rows in range
+    (`log` opened writable unless `dry_run`)."""
     result = RepriceResult()
     updates = []
-    for raw in conn.execute(sql + " ORDER BY ts", params).fetchall():
-        row = dict(raw)
+    for row in log.rows_to_reprice(since, until):
         usage = usage_of(row)
         if not usage.billable:
             continue
@@ -90,10 +83,7 @@ def reprice(conn: sqlite3.Connection, settings: Settings, prices: PriceBook,
         result.newly_priced += int(old is None and new is not None)
         result.changes.append({"id": row["id"], "model": row["model"], "before_usd": old,
                                "after_usd": new, "pricing_version": version})
-        updates.append((float(new) if new is not None else None, breakdown, version,
-                        int(new is not None), row["id"]))
+        updates.append(CostUpdate(row["id"], new, breakdown, version))
     if updates and not dry_run:
-        with conn:
-            conn.executemany("UPDATE usage SET cost_usd = ?, cost_breakdown = ?, "
-                             "pricing_version = ?, priced = ? WHERE id = ?", updates)
+        log.set_costs(updates)
     return result

@@ -213,11 +213,8 @@ async def rebuild_spend(budgets: Budgets, which: list[Budget], usage_log: str,
 
     def read() -> dict:
         writer.flush()
-        conn, flavor = open_reader(usage_log)
-        try:
-            return spend_from_log(conn, which, budgets.clock(), flavor)
-        finally:
-            conn.close()
+        with open_reader(usage_log) as reader:
+            return spend_from_log(reader, which, budgets.clock())
 
     totals = await loop.run_in_executor(None, read) if which else {}
     await budgets.rebuild(totals, seen)

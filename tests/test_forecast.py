@@ -106,7 +106,7 @@ def test_backtest_on_a_real_series_within_the_stated_bound() -> None:
 
 def test_budget_forecasts_per_scope(trend_logs: list[Path]) -> None:
     """Each budget's period is projected; `*` budgets get one row per value."""
-    conn, flavor = open_reader(f"sqlite:///{trend_logs[0]}")
+    log = open_reader(f"sqlite:///{trend_logs[0]}")
     now = datetime(2026, 3, 20, 12, tzinfo=UTC)
     from zoneinfo import ZoneInfo
 
@@ -117,13 +117,13 @@ def test_budget_forecasts_per_scope(trend_logs: list[Path]) -> None:
                       tz=ZoneInfo("UTC"), limit_usd=Decimal(limit), limit_tokens=None,
                       block=True)
 
-    rows = forecast.budget_forecasts(conn, [
+    rows = forecast.budget_forecasts(log, [
         budget({"feature": "*"}, "month", "40"), budget({"key": "prod-web"}, "week", "1"),
         budget({"customer": "customer-0000", "tag:env": "prod"}, "month", "1000")],
-        now, None, flavor)
-    spent = {r["feature"]: r["cost_usd"] for r in query.usage(conn, query.UsageQuery(
-        since=datetime(2026, 3, 1, tzinfo=UTC), until=now, group_by=["feature"]), flavor)}
-    conn.close()
+        now, None)
+    spent = {r["feature"]: r["cost_usd"] for r in log.usage(query.UsageQuery(
+        since=datetime(2026, 3, 1, tzinfo=UTC), until=now, group_by=["feature"]))}
+    log.close()
     by_scope = {r["scope"]: r for r in rows}
     assert {f"feature={f}" for f in spent} <= set(by_scope)
     for feature, usd in spent.items():

@@ -17,6 +17,7 @@ import sqlite_utils
 
 from proxy import query
 from proxy.query import UsageQuery
+from proxy.storage import sql
 from proxy.storage.readers import open_reader
 from proxy.storage.row import COLUMNS, UsageRow
 from proxy.storage.shipped import M004_COLUMNS
@@ -35,10 +36,10 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[Us
     rows = make_rows()
     writer.write(rows)
     writer.close()
-    conn, flavor = open_reader(f"sqlite:///{path}")
-    assert flavor is query.SQLITE
-    yield conn, rows
-    conn.close()
+    reader = open_reader(f"sqlite:///{path}")
+    assert reader.flavor is sql.SQLITE
+    yield reader, rows
+    reader.close()
 
 
 def value_of(row: UsageRow, name: str) -> Any:
@@ -115,7 +116,7 @@ GROUPINGS = [[d] for d in query.DIMENSIONS] + [[b] for b in query.TIME_BUCKETS] 
 def test_every_group_by_matches_python_totals(log, group_by: list[str]) -> None:
     """Each group-by gives exactly the counts, tokens, cost and rates summed in Python."""
     conn, rows = log
-    got = query.usage(conn, UsageQuery(group_by=group_by, durations=True))
+    got = conn.usage(UsageQuery(group_by=group_by, durations=True))
     check(got, expected(rows, group_by), group_by)
 
 
@@ -159,7 +160,7 @@ def test_every_filter_matches_python_totals(log, name, where, exclude, keep) -> 
     """Filters on columns, tags, NULLs, several values and exclusions keep the right calls."""
     conn, rows = log
     for group_by in ([], ["provider"]):
-        got = query.usage(conn, UsageQuery(group_by=group_by, where=where, exclude=exclude))
+        got = conn.usage(UsageQuery(group_by=group_by, where=where, exclude=exclude))
         check(got, expected(rows, group_by, keep), group_by)
 
 
@@ -167,7 +168,7 @@ def test_since_and_until_bound_the_time_range(log) -> None:
     """since is inclusive, until exclusive, both to the microsecond."""
     conn, rows = log
     since, until = parse(rows[100].ts), START + timedelta(days=9, hours=5)
-    got = query.usage(conn, UsageQuery(since=since, until=until, group_by=["day"]))
+    got = conn.usage(UsageQuery(since=since, until=until, group_by=["day"]))
     check(got, expected(rows, ["day"], lambda r: since <= parse(r.ts) < until), ["day"])
 
 
@@ -175,20 +176,20 @@ def test_order_and_limit(log) -> None:
     """Metrics sort descending, group names ascending; the limit keeps the first N."""
     conn, rows = log
     want = expected(rows, ["trace_id"])
-    top = query.usage(conn, UsageQuery(group_by=["trace_id"], limit=5))
+    top = conn.usage(UsageQuery(group_by=["trace_id"], limit=5))
     assert [r["cost_usd"] for r in top] == sorted((w["cost_usd"] for w in want.values()),
                                                    reverse=True)[:5]
-    by_name = query.usage(conn, UsageQuery(group_by=["day"], order_by="day"))
+    by_name = conn.usage(UsageQuery(group_by=["day"], order_by="day"))
     assert [r["day"] for r in by_name] == sorted(r["day"] for r in by_name)
     for metric in ("calls", "output_tokens", "errors", "cache_hit_rate", "error_rate"):
-        got = query.usage(conn, UsageQuery(group_by=["customer", "model"], order_by=metric,
+        got = conn.usage(UsageQuery(group_by=["customer", "model"], order_by=metric,
                                            limit=4))
         best = sorted((w[metric] for w in expected(rows, ["customer", "model"]).values()),
                       reverse=True)[:4]
         assert [r[metric] for r in got] == pytest.approx(best)
-    slowest = query.usage(conn, UsageQuery(group_by=["model"], order_by="p95_ms", limit=2))
+    slowest = conn.usage(UsageQuery(group_by=["model"], order_by="p95_ms", limit=2))
     assert [r["p95_ms"] for r in slowest] == sorted(
-        (r["p95_ms"] for r in query.usage(conn, UsageQuery(group_by=["model"],
+        (r["p95_ms"] for r in conn.usage(UsageQuery(group_by=["model"],
                                                            durations=True))), reverse=True)[:2]
     assert all("p50_ms" in r for r in slowest)
 
@@ -196,7 +197,7 @@ def test_order_and_limit(log) -> None:
 def test_percentiles_for_the_returned_groups_only(log) -> None:
     """With a limit, percentiles are binned for the returned groups, and still right."""
     conn, rows = log
-    got = query.usage(conn, UsageQuery(group_by=["customer"], durations=True, limit=2))
+    got = conn.usage(UsageQuery(group_by=["customer"], durations=True, limit=2))
     assert len(got) == 2
     want = expected(rows, ["customer"])
     for r in got:
@@ -207,8 +208,8 @@ def test_percentiles_for_the_returned_groups_only(log) -> None:
 def test_spend_only_is_the_same_money(log) -> None:
     """spend_only sums just calls, cost and unpriced calls, and they agree with the full sums."""
     conn, _ = log
-    full = query.usage(conn, UsageQuery(group_by=["feature", "day"]))
-    lean = query.usage(conn, UsageQuery(group_by=["feature", "day"], spend_only=True))
+    full = conn.usage(UsageQuery(group_by=["feature", "day"]))
+    lean = conn.usage(UsageQuery(group_by=["feature", "day"], spend_only=True))
     assert [{k: r[k] for k in ("feature", "day", "calls", "cost_usd", "unpriced_calls")}
             for r in full] == lean
     assert set(lean[0]) == {"feature", "day", "calls", "cost_usd", "unpriced_calls"}
@@ -223,7 +224,7 @@ def test_bad_queries_are_query_errors(log) -> None:
                      (UsageQuery(order_by="vibes"), "cannot order by 'vibes'"),
                      (UsageQuery(group_by=["x); DROP TABLE usage; --"]), "cannot group")):
         with pytest.raises(query.QueryError, match=words):
-            query.usage(conn, q)
+            conn.usage(q)
     with pytest.raises(query.QueryError):
         query.parse_filters(["no-equals-sign"])
     assert query.parse_filters(["a=1", "a=2", "b!=", "tag:x!=y"]) == (
@@ -242,27 +243,27 @@ def test_explain_lists_each_class_and_the_total(log) -> None:
 def test_export_cursor_streams_filtered_rows_in_batches(log) -> None:
     """export_cursor + batches: the filtered raw rows in time order, a batch at a time."""
     conn, rows = log
-    cursor = query.export_cursor(conn, UsageQuery(where={"customer": "acme"}), columns=(
+    cursor = conn.export(UsageQuery(where={"customer": "acme"}), columns=(
         "id", "ts", "customer", "cost_usd"))
-    batches = list(query.batches(cursor, size=100))
+    batches = list(sql.batches(cursor, size=100))
     got = [r for b in batches for r in b]
     assert len(batches) > 1 and all(len(b) <= 100 for b in batches)
     want = sorted((r for r in rows if r.customer == "acme"), key=lambda r: (r.ts, r.id))
     assert [g[0] for g in got] == [r.id for r in want]
     with pytest.raises(query.QueryError, match="unknown column"):
-        query.export_cursor(conn, UsageQuery(), columns=("id", "password"))
+        conn.export(UsageQuery(), columns=("id", "password"))
 
 
 def test_views_for_datasette(log) -> None:
     """The daily_spend, spend_by_customer and spend_by_feature views sum the log."""
     conn, rows = log
-    daily = {r[0]: (r[1], r[7]) for r in conn.execute("SELECT * FROM daily_spend")}
+    daily = {r[0]: (r[1], r[7]) for r in conn.conn.execute("SELECT * FROM daily_spend")}
     for (day,), w in expected(rows, ["day"]).items():
         assert daily[day][0] == w["calls"]
         assert daily[day][1] == pytest.approx(float(w["cost_usd"]), abs=1e-6)
-    names = [d[0] for d in conn.execute("SELECT * FROM spend_by_customer").description]
+    names = [d[0] for d in conn.conn.execute("SELECT * FROM spend_by_customer").description]
     assert names[:3] == ["month", "customer", "calls"]
-    by_feature = {(r[0], r[1]): r[2] for r in conn.execute("SELECT * FROM spend_by_feature")}
+    by_feature = {(r[0], r[1]): r[2] for r in conn.conn.execute("SELECT * FROM spend_by_feature")}
     assert by_feature == {("2026-03", f): w["calls"]
                           for (f,), w in expected(rows, ["feature"]).items()}
 
@@ -296,18 +297,18 @@ def test_queries_use_the_indexes(log) -> None:
 
     def plan(q: UsageQuery) -> str:
         captured: list[str] = []
-        real = query.fetch_dicts
+        real = sql.fetch_dicts
 
         def spy(c: Any, sql: str, params: Any = ()) -> list[dict[str, Any]]:
             captured.append(" ".join(str(r[3]) for r in c.execute(
                 "EXPLAIN QUERY PLAN " + sql, list(params))))
             return real(c, sql, params)
 
-        query.fetch_dicts = spy
+        sql.fetch_dicts = spy
         try:
-            query.usage(conn, q)
+            conn.usage(q)
         finally:
-            query.fetch_dicts = real
+            sql.fetch_dicts = real
         return captured[0]
 
     assert "COVERING INDEX idx_usage_customer_cover" in plan(UsageQuery(group_by=["customer"]))

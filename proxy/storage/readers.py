@@ -1,35 +1,178 @@
-"""Read access to the usage log, whatever holds it: a connection and its SQL flavor.
+"""Every read of the usage log (and reprice's cost rewrite), behind one small class.
 
-Every reader of the log (CLI, admin API, report, dashboard) opens it here, so a new
-backend adds one branch to `open_reader` and a `SqlFlavor` in `proxy.query`.
+`open_reader(url)` gives a `LogReader` on a fresh connection, whatever holds the log;
+its methods speak in domain terms (grouped usage, one call, spend per hour, rows to
+reprice) and return plain values. The CLI, admin API, report, forecast, budgets and
+reprice hold no SQL: they ask this. SQLite and PostgreSQL differ only in the `SqlFlavor`
+(`proxy.storage.sql`); a new backend adds a flavor and one branch to `open_reader`.
 """
 
 from __future__ import annotations
 
 import math
 import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
-from proxy.query import SQLITE, SqlFlavor
+import orjson
+
+from proxy.query import UNITS, UsageQuery
 from proxy.storage import POSTGRES_SCHEMES
+from proxy.storage import sql as q_sql
+from proxy.storage.row import COLUMNS
+from proxy.storage.sql import SQLITE, SqlFlavor
+from proxy.timeparse import to_ts
 
 
-def open_reader(usage_log_url: str) -> tuple[Any, SqlFlavor]:
-    """A read-only DB-API connection to the usage log and the flavor of its SQL."""
+@dataclass(frozen=True, slots=True)
+class HourSpend:
+    """Spend of the calls in one hour that share the asked-for dimension values."""
+
+    attrs: dict[str, str | None]
+    hour: datetime
+    usd: Decimal
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CostUpdate:
+    """A repriced row: its new cost (None: still unpriced), breakdown and price version."""
+
+    id: str
+    cost_usd: Decimal | None
+    cost_breakdown: str | None
+    pricing_version: str | None
+
+
+class LogReader:
+    """One connection to the usage log; read-only unless opened `writable` (reprice)."""
+
+    def __init__(self, conn: Any, flavor: SqlFlavor) -> None:
+        self.conn = conn
+        self.flavor = flavor
+
+    @property
+    def backend(self) -> str:
+        return self.flavor.name
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def usage(self, q: UsageQuery) -> list[dict[str, Any]]:
+        """Calls, tokens, exact cost, errors, rates grouped as `q` says (see UsageQuery)."""
+        return q_sql.usage(self.conn, q, self.flavor)
+
+    def export(self, q: UsageQuery, columns: Sequence[str] = COLUMNS) -> Any:
+        """An open cursor over the raw rows `q` filters, oldest first (fetchmany it)."""
+        return q_sql.export_cursor(self.conn, q, self.flavor, columns)
+
+    def call(self, call_id: str) -> dict[str, Any] | None:
+        """One row of the log, by its id."""
+        return q_sql.call(self.conn, call_id, self.flavor)
+
+    def unpriced_models(self, since: datetime | None = None,
+                        until: datetime | None = None) -> list[dict[str, Any]]:
+        """Models called without a price: calls, first and last time (`priced = 0`)."""
+        terms, params = q_sql.conditions(UsageQuery(since=since, until=until,
+                                                     where={"priced": "0"}), self.flavor)
+        return q_sql.fetch_dicts(
+            self.conn, "SELECT provider, model, count(*) AS calls, min(ts) AS first_ts, "
+            f"max(ts) AS last_ts FROM usage WHERE {' AND '.join(terms)} "
+            "GROUP BY provider, model ORDER BY calls DESC, provider, model", params)
+
+    def spend_by_hour(self, dims: Sequence[str], since: datetime) -> list[HourSpend]:
+        """Exact spend and tokens since `since`, per hour and per value of each dimension
+        (`key`, `customer`, `feature`, `tag:NAME`): one indexed range scan and a small
+        aggregate, however many budgets read it."""
+        exprs, params = [], []
+        for dim in dims:
+            if dim.startswith("tag:"):
+                expr, extra = self.flavor.tag(dim[4:])
+                exprs.append(expr)
+                params += extra
+            else:
+                exprs.append("key_name" if dim == "key" else q_sql.dimension(dim)[0])
+        n = len(dims)
+        sql = (f"SELECT {''.join(e + ', ' for e in exprs)}substr(ts, 1, 13), "
+               f"sum({self.flavor.cost_units}), "
+               "sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens) "
+               f"FROM usage WHERE ts >= {self.flavor.param} "
+               f"GROUP BY {', '.join(str(i + 1) for i in range(n + 1))}")
+        cur = self.conn.cursor()
+        try:
+            cur.execute(sql, [*params, since.strftime("%Y-%m-%dT%H")])
+            return [HourSpend(attrs=dict(zip(dims, row[:n], strict=True)),
+                              hour=datetime.strptime(row[n], "%Y-%m-%dT%H").replace(tzinfo=UTC),
+                              usd=Decimal(int(row[n + 1] or 0)) * UNITS,
+                              tokens=int(row[n + 2] or 0))
+                    for row in cur.fetchall()]
+        finally:
+            cur.close()
+
+    def rows_to_reprice(self, since: datetime, until: datetime | None = None
+                        ) -> list[dict[str, Any]]:
+        """Every row in the range, oldest first, as dicts of the contract's columns
+        (`cost_breakdown` and `tags` decoded, whichever backend stored them)."""
+        p = self.flavor.param
+        sql = f"SELECT {', '.join(COLUMNS)} FROM usage WHERE ts >= {p}"
+        params: list[Any] = [to_ts(since)]
+        if until is not None:
+            sql += f" AND ts < {p}"
+            params.append(to_ts(until))
+        rows = q_sql.fetch_dicts(self.conn, sql + " ORDER BY ts, id", params)
+        for row in rows:
+            for name in ("cost_breakdown", "tags"):
+                if isinstance(row[name], str | bytes):
+                    row[name] = orjson.loads(row[name])
+        return rows
+
+    def set_costs(self, updates: Sequence[CostUpdate]) -> None:
+        """Rewrite the price of these rows, in one transaction (needs `writable`)."""
+        p = self.flavor.param
+        sql = (f"UPDATE usage SET cost_usd = {p}, cost_breakdown = {p}, "
+               f"pricing_version = {p}, priced = {p} WHERE id = {p}")
+        exact = self.flavor is not SQLITE  # PostgreSQL stores NUMERIC; SQLite a REAL
+        params = [((u.cost_usd if exact else float(u.cost_usd))
+                   if u.cost_usd is not None else None, u.cost_breakdown, u.pricing_version,
+                   int(u.cost_usd is not None), u.id) for u in updates]
+        cur = self.conn.cursor()
+        try:
+            cur.executemany(sql, params)
+            self.conn.commit()
+        except BaseException:
+            self.conn.rollback()
+            raise
+        finally:
+            cur.close()
+
+
+def open_reader(usage_log_url: str, *, writable: bool = False) -> LogReader:
+    """A LogReader on a fresh connection to the usage log (read-only unless `writable`)."""
     if usage_log_url.startswith("sqlite:///"):
         from proxy.storage.sqlite import connect, sqlite_path
 
         path = sqlite_path(usage_log_url)
         if not path.exists():
             raise ValueError(f"no usage log at {path} yet: run meterproxy serve first")
-        conn = connect(path, readonly=True)
+        conn = connect(path, readonly=not writable)
         _ensure_math(conn)
-        return conn, SQLITE
+        return LogReader(conn, SQLITE)
     if usage_log_url.startswith(POSTGRES_SCHEMES):
-        from proxy.query import POSTGRES
-        from proxy.storage.postgres import connect_reader
+        from proxy.storage.postgres import connect, connect_reader
+        from proxy.storage.sql import POSTGRES
 
-        return connect_reader(usage_log_url), POSTGRES
+        conn = connect(usage_log_url, autocommit=False) if writable else \
+            connect_reader(usage_log_url)
+        return LogReader(conn, POSTGRES)
     raise ValueError(f"storage.usage_log: cannot read {usage_log_url!r} "
                      "(supported: sqlite:///file.db, postgresql://...)")
 
