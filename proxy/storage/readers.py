@@ -25,6 +25,7 @@ from proxy.storage import sql as q_sql
 from proxy.storage.row import COLUMNS
 from proxy.storage.sql import SQLITE, SqlFlavor
 from proxy.timeparse import to_ts
+from proxy.token_classes import PROMPT_COLUMNS
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,7 @@ class LogReader:
         n = len(dims)
         sql = (f"SELECT {''.join(e + ', ' for e in exprs)}substr(ts, 1, 13), "
                f"sum({self.flavor.cost_units}), "
-               "sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens) "
+               f"sum({' + '.join((*PROMPT_COLUMNS, 'output_tokens'))}) "
                f"FROM usage WHERE ts >= {self.flavor.param} "
                f"GROUP BY {', '.join(str(i + 1) for i in range(n + 1))}")
         cur = self.conn.cursor()
