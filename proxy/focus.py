@@ -26,7 +26,6 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from proxy.pricing import PriceBook, cost
-from proxy.storage.charges import charge_rows
 from proxy.storage.readers import open_reader
 from proxy.token_classes import BY_COLUMN, BY_NAME, Unit, priced_counts
 from proxy.usage import Usage
@@ -145,12 +144,9 @@ def export(settings: Settings, since: datetime | None = None, until: datetime | 
     """The FOCUS rows for a time range of the configured usage log, streamed from a cursor."""
     Granularity(granularity)
     prices = ListPrices(PriceBook.load(settings.pricing.dir))
-    conn, flavor = open_reader(settings.storage.usage_log)
-    try:
-        yield from focus_rows(charge_rows(conn, since, until, granularity, flavor), prices,
-                              granularity, unpriced, stats)
-    finally:
-        conn.close()
+    with open_reader(settings.storage.usage_log) as log:
+        yield from focus_rows(log.charges(since, until, granularity), prices, granularity,
+                              unpriced, stats)
 
 
 def table_of(version: str) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from proxy.query import SQLITE, SqlFlavor
+from proxy.storage.sql import SQLITE, SqlFlavor
 from proxy.timeparse import to_ts
 from proxy.token_classes import COLUMNS as COUNT_COLUMNS
 

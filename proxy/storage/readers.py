@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -79,6 +79,14 @@ class LogReader:
     def call(self, call_id: str) -> dict[str, Any] | None:
         """One row of the log, by its id."""
         return q_sql.call(self.conn, call_id, self.flavor)
+
+    def charges(self, since: datetime | None, until: datetime | None,
+                granularity: str) -> Iterator[dict[str, Any]]:
+        """Calls that cost money (or should have), sorted by charge group then trace, for
+        the FOCUS export (see `proxy.storage.charges`)."""
+        from proxy.storage.charges import charge_rows
+
+        return charge_rows(self.conn, since, until, granularity, self.flavor)
 
     def unpriced_models(self, since: datetime | None = None,
                         until: datetime | None = None) -> list[dict[str, Any]]:
