@@ -15,7 +15,7 @@ from proxy.pricing import PriceBook
 from proxy.reconcile import anthropic, gemini, openai
 from proxy.reconcile.bill import BillingNotConfigured, BillLine
 from proxy.reconcile.compare import BY_NAMES, Reconciliation, reconcile
-from proxy.storage.metered import MeteredDay, metered_by_day
+from proxy.storage.metered import MeteredDay
 from proxy.storage.readers import open_reader
 
 TIMEOUT = aiohttp.ClientTimeout(total=120, connect=15)
@@ -56,11 +56,8 @@ async def read_bill(settings: Settings, provider: BillingProvider, since: date, 
 def read_metered(settings: Settings, provider: str, since: date, until: date
                  ) -> dict[tuple[str, str], MeteredDay]:
     """The log's side (blocking: run it off the event loop)."""
-    conn, flavor = open_reader(settings.storage.usage_log)
-    try:
-        return metered_by_day(conn, flavor, provider, midnight(since), midnight(until))
-    finally:
-        conn.close()
+    with open_reader(settings.storage.usage_log) as log:
+        return log.metered_by_day(provider, midnight(since), midnight(until))
 
 
 async def run(settings: Settings, prices: PriceBook, provider: str, since: date, until: date,

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from proxy.query import SqlFlavor
+from proxy.storage.sql import SqlFlavor
 from proxy.timeparse import to_ts
 from proxy.token_classes import COLUMNS, priced_counts
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -26,6 +26,9 @@ from proxy.storage.row import COLUMNS
 from proxy.storage.sql import SQLITE, SqlFlavor
 from proxy.timeparse import to_ts
 from proxy.token_classes import PROMPT_COLUMNS
+
+if TYPE_CHECKING:
+    from proxy.storage.metered import MeteredDay
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,14 @@ class LogReader:
         from proxy.storage.charges import charge_rows
 
         return charge_rows(self.conn, since, until, granularity, self.flavor)
+
+    def metered_by_day(self, provider: str, since: datetime, until: datetime
+                       ) -> dict[tuple[str, str], MeteredDay]:
+        """One provider's calls per UTC day and model, tokens and USD by class, for
+        reconciling with its bill (see `proxy.storage.metered`)."""
+        from proxy.storage.metered import metered_by_day
+
+        return metered_by_day(self.conn, self.flavor, provider, since, until)
 
     def unpriced_models(self, since: datetime | None = None,
                         until: datetime | None = None) -> list[dict[str, Any]]:
