@@ -15,14 +15,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import structlog
 
 from proxy import tokens
-from proxy.config import BudgetConfig, Settings
+from proxy.config import BudgetConfig, Enforce, LedgerFailure, Period, Settings
 from proxy.errors import Kind, MeterError
 from proxy.pricing import PriceBook, cost
 from proxy.storage import LedgerUnavailable
@@ -30,6 +30,9 @@ from proxy.storage.ledger import ZERO, Balance, Hold, Ledger
 from proxy.storage.readers import LogReader
 from proxy.usage import Usage
 from proxy.webhook import post_event
+
+if TYPE_CHECKING:
+    from proxy.exchange import Exchange
 
 log = structlog.get_logger("meterproxy.budgets")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -43,7 +46,7 @@ class Budget:
 
     name: str | None
     scope: tuple[tuple[str, str], ...]
-    period: str
+    period: Period
     tz: ZoneInfo
     limit_usd: Decimal | None
     limit_tokens: int | None
@@ -107,7 +110,7 @@ def budgets_from(settings: Settings) -> list[Budget]:
             tz=ZoneInfo(conf.timezone),
             limit_usd=Decimal(str(conf.limit_usd)) if conf.limit_usd is not None else None,
             limit_tokens=conf.limit_tokens,
-            block=conf.enforce == "block",
+            block=conf.enforce == Enforce.BLOCK,
         )
 
     found = [one(b, {"key": k.name}) for k in settings.keys for b in k.budgets]
@@ -221,7 +224,7 @@ class Budgets:
                 found.append((budget, scope, budget.key(scope, start), end))
         return found
 
-    async def reserve(self, x: Any) -> None:
+    async def reserve(self, x: Exchange) -> None:
         """Hold the call's maximum cost on every budget that applies, or refuse it (429)."""
         now = x.started
         applicable = self.applicable(call_attrs(x.key_name, x.customer, x.feature, x.tags), now)
@@ -236,7 +239,7 @@ class Budgets:
         except LedgerUnavailable as exc:
             log.error("ledger_unavailable", request_id=x.id, policy=self.ledger_failure,
                       error=str(exc))
-            if self.ledger_failure != "open":
+            if self.ledger_failure != LedgerFailure.OPEN:
                 raise MeterError(Kind.UNAVAILABLE, "meterproxy cannot reach its budget ledger, "
                                  "so it cannot check this call's budget; retry shortly",
                                  headers={"Retry-After": "1"}) from None
@@ -263,7 +266,7 @@ class Budgets:
         if remaining:
             x.budget_remaining = max(min(remaining), ZERO)
 
-    async def estimate(self, x: Any, now: datetime) -> tuple[Decimal, int]:
+    async def estimate(self, x: Exchange, now: datetime) -> tuple[Decimal, int]:
         """The call's most expensive outcome: its prompt plus its whole output allowance."""
         texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
         model = x.call.model
@@ -283,7 +286,7 @@ class Budgets:
         usd = cost(usage, price, now).total if price is not None else ZERO
         return usd, prompt + output
 
-    def settle(self, x: Any) -> None:
+    def settle(self, x: Exchange) -> None:
         """Replace the call's holds by its actual cost (zero for a refused or failed call)."""
         reservation: Reservation | None = x.reservation
         if reservation is None:
@@ -362,7 +365,7 @@ def status_row(budget: Budget, scope: str, balance: Balance,
         "limit_usd": budget.limit_usd, "spent_usd": balance.spent_usd,
         "reserved_usd": balance.reserved_usd, "remaining_usd": remaining,
         "limit_tokens": budget.limit_tokens, "spent_tokens": balance.spent_tokens,
-        "enforce": "block" if budget.block else "alert_only",
+        "enforce": Enforce.BLOCK if budget.block else Enforce.ALERT_ONLY,
         "resets_at": end.strftime("%Y-%m-%dT%H:%M:%SZ") if end else None,
     }
 

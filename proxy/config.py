@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,6 +26,30 @@ ENV_FILE = "METERPROXY_CONFIG"
 
 class ConfigError(Exception):
     """A configuration problem, phrased as `file: key.path: what is wrong`."""
+
+
+class AuthMode(StrEnum):
+    VIRTUAL_KEYS = "virtual_keys"  # clients send meterproxy keys; the proxy holds provider keys
+    PASSTHROUGH = "passthrough"  # clients send their own provider keys, named by fingerprint
+
+
+class LedgerFailure(StrEnum):
+    """What a call meets while the shared ledger is unreachable."""
+
+    CLOSED = "closed"  # refused (503): no budget can be overspent
+    OPEN = "open"  # admitted, charged once the ledger is back
+
+
+class Period(StrEnum):
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+    TOTAL = "total"
+
+
+class Enforce(StrEnum):
+    BLOCK = "block"  # refuse calls that would go over
+    ALERT_ONLY = "alert_only"  # only alert
 
 
 @dataclass(frozen=True)
@@ -43,7 +68,7 @@ class StorageConfig:
     flush_interval_ms: int = 250
     batch_rows: int = 500
     max_backlog_rows: int = 100_000
-    ledger_failure: str = "closed"
+    ledger_failure: LedgerFailure = LedgerFailure.CLOSED
     spool_dir: str = "meterproxy-spool"
 
 
@@ -55,7 +80,7 @@ class PricingConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    mode: str = "virtual_keys"
+    mode: AuthMode = AuthMode.VIRTUAL_KEYS
 
 
 @dataclass(frozen=True)
@@ -71,11 +96,11 @@ class ProviderConfig:
 @dataclass(frozen=True)
 class BudgetConfig:
     name: str | None = None
-    period: str = "month"
+    period: Period = Period.MONTH
     limit_usd: float | None = None
     scope: dict[str, str] = field(default_factory=dict)
     limit_tokens: int | None = None
-    enforce: str = "block"
+    enforce: Enforce = Enforce.BLOCK
     timezone: str = "UTC"
 
 
@@ -172,10 +197,7 @@ class Settings:
         return conf.pricing or provider
 
 
-AUTH_MODES = ("virtual_keys", "passthrough")
-PERIODS = ("day", "week", "month", "total")
 SCOPE_KEYS = ("key", "customer", "feature")
-LEDGER_FAILURE = ("closed", "open")
 
 
 def find_config_file(explicit: str | None) -> Path | None:
@@ -241,16 +263,12 @@ def _validate(s: Settings) -> None:
     def fail(path: str, msg: str) -> typing.NoReturn:
         raise ConfigError(f"{src}: {path}: {msg}")
 
-    if s.auth.mode not in AUTH_MODES:
-        fail("auth.mode", f"must be one of {', '.join(AUTH_MODES)}, not {s.auth.mode!r}")
     if not 0 < s.server.port < 65536:
         fail("server.port", f"must be a TCP port (1-65535), not {s.server.port}")
     if s.reservations.default_max_output_tokens <= 0 or s.reservations.ttl_s <= 0:
         fail("reservations", "default_max_output_tokens and ttl_s must be positive")
     if s.server.max_body_mb <= 0:
         fail("server.max_body_mb", "must be positive")
-    if s.storage.ledger_failure not in LEDGER_FAILURE:
-        fail("storage.ledger_failure", f"must be closed or open, not {s.storage.ledger_failure!r}")
     for name, p in s.providers.items():
         if p.dialect not in registry():
             fail(f"providers.{name}.dialect", f"must be one of {', '.join(registry())}, "
@@ -327,14 +345,10 @@ def _validate_reconcile(r: ReconcileConfig, fail: Any) -> None:
 
 
 def _validate_budget(b: BudgetConfig, path: str, fail: Any) -> None:
-    if b.period not in PERIODS:
-        fail(f"{path}.period", f"must be one of {', '.join(PERIODS)}, not {b.period!r}")
     if b.limit_usd is None and b.limit_tokens is None:
         fail(path, "needs limit_usd or limit_tokens")
     if b.limit_usd is not None and b.limit_usd < 0:
         fail(f"{path}.limit_usd", "must not be negative")
-    if b.enforce not in ("block", "alert_only"):
-        fail(f"{path}.enforce", f"must be block or alert_only, not {b.enforce!r}")
     if b.limit_tokens is not None and b.limit_tokens < 0:
         fail(f"{path}.limit_tokens", "must not be negative")
     try:
@@ -383,6 +397,12 @@ def _coerce(hint: Any, value: Any, path: str, source: str) -> Any:
         return {str(k): _coerce(args[1], v, f"{path}.{k}", source) for k, v in value.items()}
     if hint is Any:
         return value
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{source}: {path}: must be one of "
+                              f"{', '.join(hint)}, not {value!r}") from None
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {path}: must be true or false")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from proxy.outcome import Outcome
+
 
 class Kind(Enum):
     """What went wrong, independent of any provider's vocabulary."""
@@ -35,11 +37,11 @@ STATUS = {
 
 # The usage-log outcome of a call the proxy ended with this kind of error.
 OUTCOME = {
-    Kind.BUDGET_EXCEEDED: "budget_exceeded",
-    Kind.UPSTREAM_UNREACHABLE: "upstream_error",
-    Kind.UPSTREAM_TIMEOUT: "upstream_error",
-    Kind.INTERNAL: "proxy_error",
-    Kind.UNAVAILABLE: "proxy_error",
+    Kind.BUDGET_EXCEEDED: Outcome.BUDGET_EXCEEDED,
+    Kind.UPSTREAM_UNREACHABLE: Outcome.UPSTREAM_ERROR,
+    Kind.UPSTREAM_TIMEOUT: Outcome.UPSTREAM_ERROR,
+    Kind.INTERNAL: Outcome.PROXY_ERROR,
+    Kind.UNAVAILABLE: Outcome.PROXY_ERROR,
 }
 
 
@@ -65,5 +67,5 @@ class MeterError(Exception):
         return STATUS[self.kind]
 
     @property
-    def outcome(self) -> str:
-        return OUTCOME.get(self.kind, "rejected")
+    def outcome(self) -> Outcome:
+        return OUTCOME.get(self.kind, Outcome.REJECTED)

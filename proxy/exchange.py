@@ -14,6 +14,7 @@ from multidict import CIMultiDict, MultiDict
 
 from proxy.dialects import DEFAULT
 from proxy.dialects.base import Call, Dialect, Metered
+from proxy.outcome import Outcome, UsageSource
 from proxy.usage import Usage
 
 if TYPE_CHECKING:
@@ -67,14 +68,14 @@ class Exchange:
     forwarded: bool = False
     status: int | None = None
     upstream_status: int | None = None
-    outcome: str = "ok"
+    outcome: Outcome = Outcome.OK
     error: str | None = None
     ttfb: float | None = None
     upstream_request_id: str | None = None
     metered: Metered | None = None
     # record
     usage: Usage | None = None
-    usage_source: str | None = None
+    usage_source: UsageSource | None = None
     cost: Decimal | None = None
     cost_breakdown: dict[str, Any] | None = None
     pricing_version: str | None = None

@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
 from proxy.keys import runtime_of
+from proxy.outcome import Outcome
 from proxy.stages.attribute import attribute
 from proxy.stages.authenticate import authenticate, authorize
 from proxy.stages.forward import forward
@@ -45,16 +46,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except MeterError as err:
         return refuse(x, err)
     except asyncio.CancelledError:
-        x.outcome, x.error = "client_disconnect", x.error or "client went away"
+        x.outcome, x.error = Outcome.CLIENT_DISCONNECT, x.error or "client went away"
         raise
     except (ConnectionError, aiohttp.ClientConnectionResetError):
-        x.outcome = "client_disconnect"
+        x.outcome = Outcome.CLIENT_DISCONNECT
         raise
     except Exception as exc:
         log.exception("proxy_error", request_id=x.id)
-        if x.status is not None and x.outcome == "ok":
+        if x.status is not None and x.outcome == Outcome.OK:
             # The response had begun: its status stands, the row says what broke.
-            x.outcome, x.error = "proxy_error", f"{type(exc).__name__}: {exc}"
+            x.outcome, x.error = Outcome.PROXY_ERROR, f"{type(exc).__name__}: {exc}"
             raise
         return refuse(x, MeterError(Kind.INTERNAL,
                                     f"meterproxy failed on this call (request {x.id})"))

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from proxy.outcome import ERROR_OUTCOMES, REFUSAL_OUTCOMES
 from proxy.storage.row import COLUMNS
 from proxy.token_classes import COLUMNS as CLASS_COLUMNS
 
 if TYPE_CHECKING:
     from proxy.storage.readers import LogReader
 
-__all__ = ["COLUMNS"]
+__all__ = ["COLUMNS", "ERROR_OUTCOMES", "REFUSAL_OUTCOMES"]
 
 TAG_NAME = re.compile(r"[a-z0-9_.-]{1,64}")
 # Columns that name a thing (groupable, filterable); numbers are aggregated instead.
@@ -32,9 +33,6 @@ DIMENSIONS = ("key_name", "provider", "endpoint", "model", "response_model", "st
               "feature", "trace_id", "upstream_request_id")
 INTEGER_DIMENSIONS = ("stream", "status", "priced")
 TIME_BUCKETS = ("hour", "day", "week", "month")
-# Outcomes counted as errors (the call failed) and as refusals (a budget said no).
-ERROR_OUTCOMES = ("upstream_error", "proxy_error", "rejected")
-REFUSAL_OUTCOMES = ("budget_exceeded",)
 UNITS = Decimal("1e-10")
 BUCKETS_PER_E = 25  # duration histogram resolution: e^(1/25) = 4% wide buckets
 COARSE_BUCKETS = ("week", "month")

@@ -17,6 +17,7 @@ from typing import Any
 from proxy import forecast, query
 from proxy.budgets import budgets_from
 from proxy.config import Settings
+from proxy.outcome import Outcome
 from proxy.output import table
 from proxy.query import UsageQuery
 from proxy.storage.readers import LogReader
@@ -60,8 +61,9 @@ def _sections(window: Window, settings: Settings, top: int) -> dict[str, Callabl
         "by_feature": usage(group_by=["feature"], limit=top),
         "top_traces": usage(group_by=["trace_id"], exclude={"trace_id": ""}, limit=top),
         "unpriced": lambda log: log.unpriced_models(window.since, window.until),
-        "refusals": usage(group_by=["customer", "feature"], where={"outcome": "budget_exceeded"},
-                          order_by="calls", limit=top),
+        "refusals": usage(group_by=["customer", "feature"],
+                          where={"outcome": Outcome.BUDGET_EXCEEDED}, order_by="calls",
+                          limit=top),
         "errors": usage(group_by=["provider", "outcome"],
                         where={"outcome": list(query.ERROR_OUTCOMES)}, order_by="calls"),
         "forecast": lambda log: forecast.forecast_month(

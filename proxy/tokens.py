@@ -124,12 +124,15 @@ def get_encoding(name: str) -> tiktoken.Encoding:
 # Counting runs on one thread of its own: each thread that runs the tokenizer grows its
 # own regex caches and malloc arena, tens of MB apiece, so more threads would only cost
 # memory (estimates are rare; budgets' prompt counts are short).
-_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokens")
+# Made on first use, not at import.
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokens")
 
 
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     """Run a counting function on the tokenizer's thread, without blocking the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(_pool(), fn, *args)
 
 
 def count_text(text: str, model: str | None = None) -> int:

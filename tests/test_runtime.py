@@ -161,3 +161,16 @@ def test_final_webhook_alert_is_delivered_at_shutdown(
         hook.stop()
     assert [(a["name"], a["threshold"], Decimal(a["spent_usd"])) for a in hook.delivered] == [
         ("daily", 0.5, SPENT)]
+
+
+def test_importing_the_proxy_does_no_work() -> None:
+    """Importing every module the server and CLI use makes no executor (nor thread)."""
+    import subprocess
+    import sys
+
+    code = ("import gc, threading, concurrent.futures as f, proxy.app, proxy.cli\n"
+            "pools = [o for o in gc.get_objects() if isinstance(o, f.ThreadPoolExecutor)]\n"
+            "print(len(pools), threading.active_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["0", "1"]

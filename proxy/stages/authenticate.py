@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, MultiDict
 
+from proxy.config import AuthMode
 from proxy.dialects import key_headers
 from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
@@ -30,7 +31,7 @@ def authenticate(rt: Runtime, x: Exchange) -> None:
     )
     x.headers["Accept-Encoding"] = UPSTREAM_ACCEPT_ENCODING
     x.query = MultiDict(request.query)
-    if rt.settings.auth.mode == "passthrough":
+    if rt.settings.auth.mode == AuthMode.PASSTHROUGH:
         x.key_name = fingerprint(client_key) if client_key else None
         return
     if not client_key:

@@ -15,6 +15,7 @@ import structlog
 
 from proxy import tokens
 from proxy.exchange import Exchange
+from proxy.outcome import Outcome, UsageSource
 from proxy.pricing import cost, rounded
 from proxy.runtime import Runtime
 from proxy.storage.row import UsageRow
@@ -25,7 +26,7 @@ log = structlog.get_logger("meterproxy")
 
 ZERO = rounded(Decimal(0))
 # Outcomes whose calls used provider capacity and are metered even without a usage report.
-_BILLABLE = frozenset({"ok", "client_disconnect", "upstream_error"})
+_BILLABLE = frozenset({Outcome.OK, Outcome.CLIENT_DISCONNECT, Outcome.UPSTREAM_ERROR})
 
 
 def price(rt: Runtime, x: Exchange) -> None:
@@ -34,12 +35,12 @@ def price(rt: Runtime, x: Exchange) -> None:
         return
     metered = x.metered
     if x.usage is None and metered is not None and metered.usage is not None:
-        x.usage, x.usage_source = metered.usage, "provider"
+        x.usage, x.usage_source = metered.usage, UsageSource.PROVIDER
     if x.usage is None:
         if x.forwarded and x.call.metered and _needs_estimate(x):
             return  # record() counts the tokens off the loop and comes back here
         x.usage = Usage()
-        x.usage_source = "provider" if x.forwarded else None
+        x.usage_source = UsageSource.PROVIDER if x.forwarded else None
     if not x.call.metered or not x.usage.billable:
         x.cost = ZERO
         return
@@ -79,7 +80,7 @@ def _needs_estimate(x: Exchange) -> bool:
         return False
     # A provider that refused the call (error status) or never answered it bills nothing;
     # one that accepted it and then broke off may have: estimate what was used.
-    if x.outcome == "upstream_error":
+    if x.outcome == Outcome.UPSTREAM_ERROR:
         return x.upstream_status is not None and x.upstream_status < 400
     return True
 
@@ -88,15 +89,15 @@ async def _estimate_then_write(rt: Runtime, x: Exchange, duration: float) -> Non
     try:
         x.usage = await tokens.off_loop(estimate, x)
         # partial: the answer was cut short; estimated: it ended but no usage came.
-        whole = x.outcome == "ok" and x.status is not None and x.status < 400
-        x.usage_source = "estimated" if whole else "partial"
+        whole = x.outcome == Outcome.OK and x.status is not None and x.status < 400
+        x.usage_source = UsageSource.ESTIMATED if whole else UsageSource.PARTIAL
         if not tokens.is_exact_for(x.call.model):
             note = "estimated with o200k_base; this model has its own tokenizer"
             x.error = f"{x.error}; {note}" if x.error else note
         price(rt, x)
     except Exception as exc:  # the row must be written whatever the estimate does
         log.exception("estimate_failed", request_id=x.id)
-        x.usage, x.usage_source = x.usage or Usage(), "partial"
+        x.usage, x.usage_source = x.usage or Usage(), UsageSource.PARTIAL
         x.error = f"{x.error or ''} estimate failed: {exc}".strip()
     finally:
         _write(rt, x, duration)

@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 from proxy.dialects.base import Metered
 from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
+from proxy.outcome import Outcome
 from proxy.stages.authenticate import HOP_BY_HOP
 
 BUFFER_LIMIT = 32 * 1024 * 1024
@@ -45,7 +46,7 @@ async def relay(
     x.status = x.upstream_status = upstream.status
     x.upstream_request_id = upstream.headers.get(x.dialect.request_id_header)
     if upstream.status >= 400:
-        x.outcome = "upstream_error"
+        x.outcome = Outcome.UPSTREAM_ERROR
     content_type = upstream.headers.get("Content-Type", "")
     try:
         # A streamed answer goes on as it arrives whatever its type (Gemini without alt=sse
@@ -69,25 +70,25 @@ async def _relay_stream(x: Exchange, upstream: aiohttp.ClientResponse) -> web.St
             if data:
                 await _write(x, out, data)
     except _UPSTREAM_BROKE as exc:
-        if x.outcome == "client_disconnect":
+        if x.outcome == Outcome.CLIENT_DISCONNECT:
             raise
-        x.outcome = "upstream_error"
+        x.outcome = Outcome.UPSTREAM_ERROR
         x.error = f"upstream stream broke: {type(exc).__name__}"
     finally:
         if meter is not None:
             tail, x.metered = meter.finish()
         else:
             tail, x.metered = b"", Metered()
-    if x.outcome == "upstream_error" and upstream.status < 400:
+    if x.outcome == Outcome.UPSTREAM_ERROR and upstream.status < 400:
         # Pass the break on: a clean end would tell the client it has the whole answer.
         _abort(x)
         return out
     if tail:
         await _write(x, out, tail)
-    if x.metered.error and x.outcome == "ok":
+    if x.metered.error and x.outcome == Outcome.OK:
         x.error = x.metered.error
         if x.metered.usage is None:  # an error (event or junk) ended it before its usage
-            x.outcome = "upstream_error"
+            x.outcome = Outcome.UPSTREAM_ERROR
     await out.write_eof()
     return out
 
@@ -133,9 +134,9 @@ async def _relay_large(
             await _write(x, out, chunk)
             tail = (tail + chunk)[-TAIL_KEEP:]
     except _UPSTREAM_BROKE as exc:
-        if x.outcome == "client_disconnect":
+        if x.outcome == Outcome.CLIENT_DISCONNECT:
             raise
-        x.outcome = "upstream_error"
+        x.outcome = Outcome.UPSTREAM_ERROR
         x.error = f"upstream body broke: {type(exc).__name__}"
         _abort(x)
         return out
@@ -148,7 +149,7 @@ async def _write(x: Exchange, out: web.StreamResponse, data: bytes) -> None:
     try:
         await out.write(data)
     except (ConnectionError, aiohttp.ClientConnectionResetError):
-        x.outcome = "client_disconnect"
+        x.outcome = Outcome.CLIENT_DISCONNECT
         x.error = "client disconnected mid-response"
         raise
 

@@ -164,8 +164,7 @@ def _aggregates(flavor: SqlFlavor, spend_only: bool) -> str:
     if spend_only:
         return spend
     sums = ", ".join(f"coalesce(sum({c}), 0) AS {c}" for c in CLASS_COLUMNS)
-    errors = ", ".join(f"'{o}'" for o in ERROR_OUTCOMES)
-    refusals = ", ".join(f"'{o}'" for o in REFUSAL_OUTCOMES)
+    errors, refusals = _ERRORS, _REFUSALS
     return (f"count(*) AS calls, {sums}, sum({flavor.cost_units}) AS cost_units, "
             "coalesce(sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END), 0) AS unpriced_calls, "
             f"coalesce(sum(CASE WHEN outcome IN ({errors}) THEN 1 ELSE 0 END), 0) AS errors, "
@@ -173,13 +172,15 @@ def _aggregates(flavor: SqlFlavor, spend_only: bool) -> str:
             "AS refusals")
 
 
+_ERRORS = ", ".join(f"'{o}'" for o in ERROR_OUTCOMES)  # SQL literals, from a closed set
+_REFUSALS = ", ".join(f"'{o}'" for o in REFUSAL_OUTCOMES)
 _ORDER_SQL = {
     "cost_usd": "cost_units",
     "cache_hit_rate": "CASE WHEN sum(cached_input_tokens) + sum(input_tokens) > 0 THEN "
                       "1.0 * sum(cached_input_tokens) / "
                       "(sum(cached_input_tokens) + sum(input_tokens)) ELSE 0 END",
     "error_rate": "1.0 * sum(CASE WHEN outcome IN "
-                  f"({', '.join(repr(o) for o in ERROR_OUTCOMES)}) THEN 1 ELSE 0 END) / count(*)",
+                  f"({_ERRORS}) THEN 1 ELSE 0 END) / count(*)",
 }
 
 
