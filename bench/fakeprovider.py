@@ -105,8 +105,14 @@ def make_app(chunks: int = 20, chunk_delay_ms: float = 0.0) -> web.Application:
         await out.write_eof()
         return out
 
+    async def otlp(request: web.Request) -> web.Response:
+        await request.read()  # an OTLP/HTTP sink for `loadgen --otel`: accept, drop
+        return web.Response(content_type="application/x-protobuf", body=b"")
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/traces", otlp)
+    app.router.add_post("/v1/metrics", otlp)
     return app
 
 

@@ -190,8 +190,8 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def meterproxy_service(tmp: Path, provider_port: int, budget: bool = False
-                       ) -> tuple[Service, Path]:
+def meterproxy_service(tmp: Path, provider_port: int, budget: bool = False,
+                       otel: bool = False) -> tuple[Service, Path]:
     """meterproxy with everything on, and the path of its usage log."""
     port = free_port()
     db = tmp / "usage.db"
@@ -207,6 +207,8 @@ def meterproxy_service(tmp: Path, provider_port: int, budget: bool = False
         "keys": [key],
         "logging": {"level": "info", "format": "json"},
     }
+    if otel:  # spans and metrics to the fake provider's OTLP sink, which answers 200
+        config["telemetry"] = {"otlp_endpoint": f"http://{HOST}:{provider_port}"}
     path = tmp / "meterproxy.yaml"
     path.write_text(yaml.safe_dump(config))
     service = Service(METERPROXY, python_module("proxy.cli", "serve", "--config", str(path)),
@@ -493,7 +495,8 @@ def markdown(results: dict[str, Any]) -> str:
     src = results["source"]
     dirty = " with uncommitted changes in proxy/ or pricing/" if src["proxy_dirty"] else ""
     out = [f"Commit {src['commit']}{dirty}"
-           f"{', key budget on' if s['budget'] else ''}. Medians over {s['rounds']} rounds of "
+           f"{', key budget on' if s['budget'] else ''}"
+           f"{', OpenTelemetry on' if s.get('otel') else ''}. Medians over {s['rounds']} rounds of "
            f"{s['duration_s']:g} s per cell; stream = {s['chunks']} content chunks with a usage "
            "chunk. CPU is the proxy process's (user + system) per call.", "",
            "| mode | conc | target | req/s | p50 ms | p99 ms | TTFB p50 ms | proxy CPU ms/call "
@@ -640,7 +643,7 @@ def services(tmp: Path, args: argparse.Namespace,
         passthrough = Service(PASSTHROUGH, python_module(
             "bench.passthrough", "--port", str(passthrough_port), "--upstream", provider_url),
             passthrough_port, tmp / "passthrough.log")
-        meterproxy, db = meterproxy_service(tmp, provider.port, args.budget)
+        meterproxy, db = meterproxy_service(tmp, provider.port, args.budget, args.otel)
         path = "/v1/chat/completions"
         targets = [Target(DIRECT, provider_url + path),
                    Target(PASSTHROUGH, f"http://{HOST}:{passthrough.port}{path}", passthrough),
@@ -725,7 +728,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "settings": {"duration_s": args.duration, "rounds": args.rounds,
                      "concurrency": args.concurrency, "modes": args.modes,
                      "chunks": args.chunks, "warmup_s": args.warmup, "settle_s": args.settle,
-                     "max_calls": args.max_calls, "budget": args.budget},
+                     "max_calls": args.max_calls, "budget": args.budget, "otel": args.otel},
         "source": source(),
         "target_order": order,
         **summary,
@@ -755,6 +758,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="JSON results; the markdown goes beside it as .md")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "performance.png"),
                         help="PNG of throughput (needs matplotlib; '' for none)")
+    parser.add_argument("--otel", action="store_true",
+                        help="meterproxy exports OpenTelemetry spans and metrics (OTLP/HTTP) "
+                             "to the fake provider, which accepts and drops them")
     parser.add_argument("--budget", action="store_true",
                         help="give meterproxy's key a (never reached) monthly budget")
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM even if installed")

@@ -93,6 +93,7 @@ class Telemetry:
         if row.response_model:
             common["gen_ai.response.model"] = row.response_model
         usage = x.usage
+        response_id = x.metered.response_id if x.metered is not None else None
         input_tokens = usage.prompt_tokens if usage is not None else 0
         attributes: dict[str, Any] = {
             **common,
@@ -106,6 +107,8 @@ class Telemetry:
             "meterproxy.outcome": row.outcome,
             "meterproxy.priced": bool(row.priced),
         }
+        if response_id:
+            attributes["gen_ai.response.id"] = response_id
         extra = {"meterproxy.cost.usd": row.cost_usd, "meterproxy.customer": row.customer,
                  "meterproxy.feature": row.feature, "meterproxy.key": row.key_name,
                  "meterproxy.trace_id": row.trace_id,

@@ -138,6 +138,7 @@ def test_openai_call_is_a_child_span_with_genai_attributes(otel: tuple[Stack, Re
         extra_headers={"traceparent": TRACEPARENT, "X-Meter-Customer": "acme",
                        "X-Meter-Feature": "search"})
     request_id = raw.headers["x-meter-request-id"]
+    completion = raw.parse()
     row = stack.rows(before + 1)[-1]
     assert row["id"] == request_id and row["trace_id"] == TRACE
     resource, span, attrs = span_of(receiver, request_id)
@@ -149,7 +150,7 @@ def test_openai_call_is_a_child_span_with_genai_attributes(otel: tuple[Stack, Re
     assert attrs == {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
         "gen_ai.request.model": "gpt-4o-mini", "gen_ai.response.model": "gpt-4o-mini",
-        "gen_ai.usage.input_tokens": 3000, "gen_ai.usage.output_tokens": 200,
+        "gen_ai.response.id": completion.id, "gen_ai.usage.input_tokens": 3000, "gen_ai.usage.output_tokens": 200,
         "gen_ai.usage.cache_read.input_tokens": 1024,
         "gen_ai.usage.cache_creation.input_tokens": 0,
         "gen_ai.usage.reasoning.output_tokens": 50,
@@ -177,6 +178,7 @@ def test_anthropic_cache_writes_and_metrics(otel: tuple[Stack, Receiver]) -> Non
         model="claude-sonnet-4-5", max_tokens=100, messages=[{"role": "user", "content": "x"}])
     _, span, attrs = span_of(receiver, raw.headers["x-meter-request-id"])
     assert span.name == "chat claude-sonnet-4-5" and not span.parent_span_id
+    assert attrs["gen_ai.response.id"] == raw.parse().id
     assert (attrs["gen_ai.provider.name"], attrs["gen_ai.usage.input_tokens"],
             attrs["gen_ai.usage.cache_read.input_tokens"],
             attrs["gen_ai.usage.cache_creation.input_tokens"],

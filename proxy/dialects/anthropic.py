@@ -86,7 +86,8 @@ class AnthropicDialect:
         obj, note = load_body(body, ("usage", "model"))
         if not isinstance(obj, dict):
             return Metered(error=note)
-        metered = Metered(response_model=_str(obj.get("model")), error=note)
+        metered = Metered(response_model=_str(obj.get("model")), error=note,
+                          response_id=_str(obj.get("id")) if note is None else None)
         if isinstance(obj.get("usage"), dict):
             metered.usage = usage(obj["usage"])
         return metered
@@ -166,6 +167,7 @@ class _StreamMeter:
         elif kind == "message_start":
             message = sub(obj, "message")
             self.metered.response_model = _str(message.get("model"))
+            self.metered.response_id = _str(message.get("id"))
             self._merge(sub(message, "usage"))
             self.metered.prompt_usage = usage(self._totals, output=False)
             self.metered.prompt_usage.web_search_requests = self._searches

@@ -44,6 +44,9 @@ class Metered:
 
     usage: Usage | None = None
     response_model: str | None = None
+    # The provider's id for this answer (chatcmpl-..., resp_..., msg_..., a Gemini
+    # responseId), read only from a whole body or a stream's own events.
+    response_id: str | None = None
     # Output text seen so far, for an estimate when usage never came.
     text: TextTally = field(default_factory=lambda: TextTally())
     # An error event inside an otherwise successful stream.

@@ -142,6 +142,7 @@ class _ChunkReader:
             self.metered.error = _str(obj["error"].get("message")) or "error in the stream"
             return
         self.metered.response_model = _str(obj.get("modelVersion")) or self.metered.response_model
+        self.metered.response_id = _str(obj.get("responseId")) or self.metered.response_id
         candidates = obj.get("candidates")
         for candidate in candidates if isinstance(candidates, list) else ():
             if not isinstance(candidate, dict):

@@ -131,7 +131,8 @@ class OpenAIDialect:
         obj, note = load_body(body, ("usage", "model", "service_tier", "output"))
         if not isinstance(obj, dict):
             return Metered(error=note)
-        metered = Metered(response_model=_str(obj.get("model")), error=note)
+        metered = Metered(response_model=_str(obj.get("model")), error=note,
+                          response_id=_str(obj.get("id")) if note is None else None)
         usage = obj.get("usage")
         if isinstance(usage, dict):
             metered.usage = _usage(call.endpoint, usage, obj.get("service_tier"))
@@ -265,6 +266,7 @@ class _StreamMeter:
             return False
         if self.metered.response_model is None:
             self.metered.response_model = _str(obj.get("model"))
+            self.metered.response_id = _str(obj.get("id"))
         choices = obj.get("choices")
         self._tally_choices(choices)
         usage = obj.get("usage")
@@ -297,6 +299,7 @@ class _StreamMeter:
             if not isinstance(response, dict):
                 return
             self.metered.response_model = _str(response.get("model")) or self.metered.response_model
+            self.metered.response_id = _str(response.get("id")) or self.metered.response_id
             usage = response.get("usage")
             if kind in _TERMINAL and isinstance(usage, dict):
                 self.metered.usage = _usage("responses", usage, response.get("service_tier"))
