@@ -150,7 +150,8 @@ def test_openai_call_is_a_child_span_with_genai_attributes(otel: tuple[Stack, Re
     assert attrs == {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
         "gen_ai.request.model": "gpt-4o-mini", "gen_ai.response.model": "gpt-4o-mini",
-        "gen_ai.response.id": completion.id, "gen_ai.usage.input_tokens": 3000, "gen_ai.usage.output_tokens": 200,
+        "gen_ai.response.id": completion.id, "gen_ai.usage.input_tokens": 3000,
+        "gen_ai.usage.output_tokens": 200,
         "gen_ai.usage.cache_read.input_tokens": 1024,
         "gen_ai.usage.cache_creation.input_tokens": 0,
         "gen_ai.usage.reasoning.output_tokens": 50,
