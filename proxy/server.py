@@ -146,10 +146,17 @@ class Server:
                        [((), writer.dropped)])
         budgets = self.current.budgets
         if budgets is not None:
+            # One series per configured budget (its name, else its scope as written, `*`
+            # and all), however many customers it covers: the worst period's share.
+            worst: dict[tuple[str, str], float] = {}
+            for b, _, ratio in budgets.alerts.utilisation.values():
+                label = (b.name or ",".join(f"{d}={v}" for d, v in b.scope), b.period)
+                worst[label] = max(worst.get(label, 0.0), ratio)
             lines += gauge(
-                "meterproxy_budget_utilisation", "Spent share of each budget period's limit.",
-                [((("budget", key), ("period", b.period)), ratio)
-                 for key, (b, _, ratio) in sorted(budgets.alerts.utilisation.items())])
+                "meterproxy_budget_utilisation",
+                "Spent share of the limit in each budget's fullest current period.",
+                [((("budget", name), ("period", period)), ratio)
+                 for (name, period), ratio in sorted(worst.items())])
         return lines
 
 

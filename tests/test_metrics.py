@@ -12,6 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import PROVIDER_KEY, VIRTUAL_KEY, Stack, http
 
 ADMIN_KEY = "metrics-admin-key"
+# The labels proxy/metrics.py allows: bounded sets, never a customer, feature or trace id.
+BOUNDED_LABELS = {"provider", "model", "key", "outcome", "class", "stream", "le", "budget",
+                  "period"}
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +53,16 @@ def test_metrics_count_calls_tokens_cost_and_budgets(mstack: Stack) -> None:
     cost = sum(s.value for s in families["meterproxy_cost_usd"])
     assert cost == pytest.approx(sum(r["cost_usd"] or 0 for r in rows))
     assert [s.value for s in families["meterproxy_unpriced_calls"]] == [1]
+    # One series per configured budget, named by its definition, however many customers
+    # its `*` covers: the worst period's share of the limit.
     (util,) = families["meterproxy_budget_utilisation"]
-    assert "customer=acme" in util.labels["budget"]
+    assert util.labels == {"budget": "customer=*", "period": "month"}
     assert util.value == pytest.approx(cost)
+    # Only the bounded labels metrics.py documents; the customer's name is in none of them.
+    for family in families.values():
+        for sample in family:
+            assert set(sample.labels) <= BOUNDED_LABELS, sample
+            assert not any("acme" in value for value in sample.labels.values()), sample
     durations = [s for s in families["meterproxy_duration_ms"]
                  if s.name.endswith("_count")]
     assert sum(s.value for s in durations) == 3
