@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,31 +104,43 @@ def _template(bindir: Path) -> Path:
     return template
 
 
+def _given_or_started(name: str, env: str, start: Callable[[], str]) -> str:
+    """The URL in `env`, else that of a server `start` launches: once per session."""
+    if name not in _urls:
+        _urls[name] = os.environ.get(env) or start()
+    return _urls[name]
+
+
+def _scratch(prefix: str) -> Path:
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    _dirs.append(root)
+    return root
+
+
+def _launch(argv: list[str], log: Path, what: str, ready: Callable[[], bool],
+            **popen: Any) -> None:
+    """Start a server in its own session (its log in `log`) and wait until it answers."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                            start_new_session=True, **popen)
+    _procs.append(proc)
+    _wait(ready, proc, what)
+
+
 def postgres_url() -> str:
     """An admin URL (trust auth, user postgres) of a server the tests may create databases on."""
-    if "pg" in _urls:
-        return _urls["pg"]
-    if given := os.environ.get("METERPROXY_TEST_PG"):
-        _urls["pg"] = given
-        return given
+    return _given_or_started("pg", "METERPROXY_TEST_PG", _start_postgres)
+
+
+def _start_postgres() -> str:
     bindir = postgres_bin()
     if bindir is None:
         _missing("PostgreSQL", "METERPROXY_TEST_PG")
     assert bindir is not None
-    root = Path(tempfile.mkdtemp(prefix="meterproxy-pg-"))
-    _dirs.append(root)
+    root = _scratch("meterproxy-pg-")
     shutil.copytree(_template(bindir), root / "data", symlinks=True)
     os.chmod(root / "data", 0o700)
     _chown(root)
     port = _free_port()
-    proc = subprocess.Popen(
-        [str(bindir / "postgres"), "-D", str(root / "data"), "-p", str(port),
-         "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-         "-c", "max_connections=300"],
-        stdout=subprocess.DEVNULL, stderr=(root / "postgres.log").open("wb"),
-        start_new_session=True, **_as_postgres())
-    _procs.append(proc)
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
     def up() -> bool:
@@ -139,8 +152,11 @@ def postgres_url() -> str:
         except psycopg.OperationalError:
             return False
 
-    _wait(up, proc, "postgres")
-    _urls["pg"] = url
+    _launch([str(bindir / "postgres"), "-D", str(root / "data"), "-p", str(port),
+             "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "max_connections=300"], root / "postgres.log", "postgres", up,
+            **_as_postgres())
     return url
 
 
@@ -154,21 +170,13 @@ def redis_bin() -> str:
 
 def redis_url() -> str:
     """A Redis the tests share, each under its own key prefix."""
-    if "redis" in _urls:
-        return _urls["redis"]
-    if given := os.environ.get("METERPROXY_TEST_REDIS"):
-        _urls["redis"] = given
-        return given
+    return _given_or_started("redis", "METERPROXY_TEST_REDIS", _start_redis)
+
+
+def _start_redis() -> str:
     exe = redis_bin()
-    root = Path(tempfile.mkdtemp(prefix="meterproxy-redis-"))
-    _dirs.append(root)
+    root = _scratch("meterproxy-redis-")
     port = _free_port()
-    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--dir",
-                             str(root), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    _procs.append(proc)
-    url = f"redis://127.0.0.1:{port}/0"
 
     def up() -> bool:
         import redis
@@ -181,9 +189,9 @@ def redis_url() -> str:
         finally:
             client.close()
 
-    _wait(up, proc, "redis-server")
-    _urls["redis"] = url
-    return url
+    _launch([exe, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(root), "--save", "",
+             "--appendonly", "no"], root / "redis.log", "redis-server", up)
+    return f"redis://127.0.0.1:{port}/0"
 
 
 def chromium() -> str:
