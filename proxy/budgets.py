@@ -212,6 +212,7 @@ class Budgets:
         self.spawn = spawn
         self.clock = clock or (lambda: datetime.now(UTC))
         self.ledger_failure = settings.storage.ledger_failure
+        self.refusal_status = settings.server.refusal_status
         self.alerts = alerts
 
     def applicable(self, attrs: dict[str, str | None], now: datetime
@@ -255,9 +256,11 @@ class Budgets:
                 when = f"it resets at {end:%Y-%m-%dT%H:%M:%SZ}"
             else:
                 when = "it does not reset"
+            status = x.key.refusal_status if x.key is not None else None
             raise MeterError(Kind.BUDGET_EXCEEDED,
                              f"budget_exceeded: {budget.describe(scope)} has no room for this "
-                             f"call; {when}", headers=headers)
+                             f"call; {when}", headers=headers,
+                             status=status or self.refusal_status)
         x.reservation = Reservation([(b, scope, h) for (b, scope, _, _), h
                                      in zip(applicable, holds, strict=True)])
         remaining = [h.limit_usd - bal.spent_usd - bal.reserved_usd

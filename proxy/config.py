@@ -59,6 +59,8 @@ class ServerConfig:
     admin_key_env: str = "METERPROXY_ADMIN_KEY"
     max_body_mb: float = 64
     grace_s: float = 30
+    # The HTTP status of a budget refusal: 429, or 402/403 for clients that retry every 429.
+    refusal_status: int = 429
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class KeyConfig:
     budgets: list[BudgetConfig] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     models: list[str] = field(default_factory=list)
+    refusal_status: int | None = None  # this key's clients' own (else server.refusal_status)
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,8 @@ class Settings:
 
 
 SCOPE_KEYS = ("key", "customer", "feature")
+# Statuses a budget refusal may take: no client retries 402 or 403 (some retry every 429).
+REFUSAL_STATUSES = (429, 402, 403)
 
 
 def find_config_file(explicit: str | None) -> Path | None:
@@ -269,6 +274,8 @@ def _validate(s: Settings) -> None:
         fail("reservations", "default_max_output_tokens and ttl_s must be positive")
     if s.server.max_body_mb <= 0:
         fail("server.max_body_mb", "must be positive")
+    if s.server.refusal_status not in REFUSAL_STATUSES:
+        fail("server.refusal_status", f"must be 429, 402 or 403, not {s.server.refusal_status!r}")
     for name, p in s.providers.items():
         if p.dialect not in registry():
             fail(f"providers.{name}.dialect", f"must be one of {', '.join(registry())}, "
@@ -291,6 +298,8 @@ def _validate(s: Settings) -> None:
         if digest in seen:
             fail(f"{path}.key_sha256", f"repeats keys[{seen[digest]}]")
         seen[digest] = i
+        if key.refusal_status is not None and key.refusal_status not in REFUSAL_STATUSES:
+            fail(f"{path}.refusal_status", f"must be 429, 402 or 403, not {key.refusal_status!r}")
         for j, b in enumerate(key.budgets):
             _validate_budget(b, f"{path}.budgets[{j}]", fail)
     for i, b in enumerate(s.budgets):

@@ -55,16 +55,19 @@ class MeterError(Exception):
         *,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
         self.headers = headers or {}
+        # A kind's usual status, unless configured otherwise (budgets' refusal_status).
+        self._status = status
 
     @property
     def status(self) -> int:
-        return STATUS[self.kind]
+        return self._status or STATUS[self.kind]
 
     @property
     def outcome(self) -> Outcome:

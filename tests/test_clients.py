@@ -1,0 +1,151 @@
+"""The client matrix: every client of the README's table, through the proxy to the simulator.
+
+Each client is set up as its README line says, called streamed and not, and must show its
+caller the provider's text and usage, while the proxy writes exactly one row for the call
+with the same tokens and the cost computed here from the pricing table's rates. Then each
+meets an exhausted budget, and must do what the README says it does on a refusal.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy.simulator import Scenario, reply_text
+from proxy.simulator import anthropic as sim_anthropic
+from proxy.simulator import gemini as sim_gemini
+from proxy.simulator import openai as sim_openai
+from tests.client_matrix import MATRIX, Client, ClientFailed, Request, node_dir
+from tests.conftest import VIRTUAL_KEY, Stack, sha
+
+REFUSED_KEY = "mp-test-refused-429"
+REFUSED_402_KEY = "mp-test-refused-402"
+_TINY = [{"period": "day", "limit_usd": 0.000001}]
+CONFIG = {"keys": [
+    {"name": "team-a", "key_sha256": sha(VIRTUAL_KEY)},
+    {"name": "broke", "key_sha256": sha(REFUSED_KEY), "budgets": _TINY},
+    {"name": "broke-402", "key_sha256": sha(REFUSED_402_KEY), "budgets": _TINY,
+     "refusal_status": 402},
+]}
+PROMPTS = {"openai": sim_openai, "anthropic": sim_anthropic, "gemini": sim_gemini}
+IDS = [c.name for c in MATRIX]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    s = Stack(tmp_path_factory.mktemp("clients"), CONFIG)
+    yield s
+    s.close()
+
+
+def ready(client: Client) -> None:
+    """Skip, with the line that installs it, a client this machine lacks."""
+    if client.language == "Node":
+        try:
+            node_dir()
+        except FileNotFoundError as exc:
+            pytest.skip(f"node and npm are needed: {exc}")
+    elif client.package:
+        try:
+            importlib.metadata.version(client.package)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"{client.package} is not installed: pip install -e '.[test]'")
+
+
+def expected_text(provider: str, body: bytes) -> str:
+    """The answer the simulator wrote for the request it received."""
+    prompt = PROMPTS[provider]._prompt(orjson.loads(body))
+    return reply_text(prompt[0] if isinstance(prompt, tuple) else prompt)
+
+
+def expected_cost(stack: Stack, provider: str, model: str, tokens_in: int,
+                  tokens_out: int) -> Decimal:
+    """Tokens times the table's rates, computed here rather than by the engine."""
+    price = stack.runtime.prices.lookup(provider, [model], datetime.now(UTC))
+    assert price is not None
+    total = tokens_in * price.rates.input + tokens_out * price.rates.output
+    return (total / Decimal(1_000_000)).quantize(Decimal("1e-10"))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("client", MATRIX, ids=IDS)
+def test_client_sees_answer_and_usage_and_one_exact_row(stack: Stack, client: Client,
+                                                        stream: bool) -> None:
+    """Text and usage reach the client; one row has the same tokens, exact cost and tags."""
+    ready(client)
+    feature = "matrix-" + "".join(ch if ch.isalnum() else "-" for ch in client.name)
+    before = len(stack.rows())
+    received = len(stack.sim.received)
+    if client.name == "instructor":  # it parses a JSON answer: let the model give one
+        stack.sim.then(Scenario(text=json.dumps({"greeting": "hello from the matrix"})))
+    answer = client.run(Request(stack.url, VIRTUAL_KEY, stream, f"Greet the {client.name} "
+                                "user", {"X-Meter-Customer": "acme", "X-Meter-Feature": feature}))
+
+    rows = stack.rows(before + 1)[before:]
+    assert len(rows) == 1, rows
+    assert len(stack.sim.received) == received + 1
+    sent = stack.sim.received[-1]
+    if client.name == "instructor":
+        assert answer.text == "hello from the matrix"
+    else:
+        assert answer.text == expected_text(client.provider, sent.body)
+    row = rows[0]
+    assert (row["provider"], row["key_name"], row["status"], row["outcome"]) == (
+        client.provider, "team-a", 200, "ok")
+    assert (row["customer"], row["feature"], row["stream"]) == ("acme", feature, int(stream))
+    assert "x-meter-customer" not in {k.lower() for k in sent.headers}
+    assert row["usage_source"] == "provider" and row["input_tokens"] > 0
+    if not stream or client.usage_streamed:
+        assert (answer.input_tokens, answer.output_tokens) == (row["input_tokens"],
+                                                               row["output_tokens"])
+    cost = expected_cost(stack, client.provider, row["model"], row["input_tokens"],
+                         row["output_tokens"])
+    assert Decimal(str(row["cost_usd"])) == cost and cost > 0
+
+
+@pytest.mark.parametrize("client", MATRIX, ids=IDS)
+def test_client_on_a_budget_refusal(stack: Stack, client: Client) -> None:
+    """An exhausted budget: the client raises what the README says after as many attempts."""
+    ready(client)
+    before = len(stack.rows())
+    received = len(stack.sim.received)
+    with pytest.raises(ClientFailed) as caught:
+        client.run(Request(stack.url, REFUSED_KEY, False, "Refuse me",
+                           {"X-Meter-Customer": "acme"}))
+    assert client.raises in caught.value.name
+    rows = stack.rows(before + client.attempts_on_429)[before:]
+    assert len(stack.sim.received) == received  # nothing was forwarded
+    assert sum(r.get("repeat_count") or 1 for r in rows) == client.attempts_on_429, rows
+    assert {(r["status"], r["outcome"], r["key_name"], r["customer"]) for r in rows} == {
+        (429, "budget_exceeded", "broke", "acme")}
+
+
+@pytest.mark.parametrize("client", [c for c in MATRIX if c.attempts_on_429 > 1],
+                         ids=[c.name for c in MATRIX if c.attempts_on_429 > 1])
+def test_client_that_retries_429_stops_at_402(stack: Stack, client: Client) -> None:
+    """With refusal_status 402 a client that retries every 429 gives up at once."""
+    ready(client)
+    before = len(stack.rows())
+    with pytest.raises(ClientFailed) as caught:
+        client.run(Request(stack.url, REFUSED_402_KEY, False, "Refuse me", {}))
+    assert caught.value.status == 402
+    rows = stack.rows(before + 1)[before:]
+    assert [(r["status"], r["outcome"], r.get("repeat_count") or 1) for r in rows] == [
+        (402, "budget_exceeded", 1)]
+
+
+def test_node_clients_install_from_the_lockfile() -> None:
+    """The Node clients come from tests/clients/package-lock.json at its pinned versions."""
+    ready(next(c for c in MATRIX if c.language == "Node"))
+    lock = json.loads((Path(__file__).parent / "clients" / "package-lock.json").read_text())
+    pinned = json.loads((Path(__file__).parent / "clients" / "package.json").read_text())
+    for name, version in pinned["dependencies"].items():
+        installed = json.loads((node_dir() / "node_modules" / name / "package.json").read_text())
+        assert installed["version"] == version == lock["packages"][f"node_modules/{name}"][
+            "version"]
