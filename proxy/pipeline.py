@@ -10,6 +10,7 @@ error shape here and nowhere else. `record` runs in `finally`: one row per call,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 import structlog
@@ -19,7 +20,7 @@ from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
 from proxy.keys import runtime_of
 from proxy.outcome import Outcome
-from proxy.stages.attribute import attribute
+from proxy.stages.attribute import attribute, keep_readable
 from proxy.stages.authenticate import authenticate, authorize
 from proxy.stages.forward import forward
 from proxy.stages.record import price, record
@@ -64,7 +65,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 def refuse(x: Exchange, err: MeterError) -> web.Response:
-    """End the call with the proxy's own error, in the provider's shape."""
+    """End the call with the proxy's own error, in the provider's shape; its row keeps what
+    was readable of the request (endpoint and model, customer, feature and trace id)."""
+    if x.upstream is not None and x.call.endpoint == "unknown":
+        with contextlib.suppress(Exception):  # a request too broken to describe stays unknown
+            x.call = x.dialect.describe(x.request.method, x.path, x.payload)
+    keep_readable(x)
     x.status = err.status
     x.outcome = err.outcome
     x.error = err.message

@@ -30,6 +30,8 @@ NODE_DIR = Path(__file__).parent / "clients"
 NODE_CACHE = Path(os.environ.get("METERPROXY_NODE_CACHE",
                                   Path.home() / ".cache" / "meterproxy" / "node-clients"))
 NODE_INSTALL = "apt-get install -y nodejs npm   (the Node clients install themselves from npm)"
+PY_NODEPS = NODE_DIR / "requirements-nodeps.txt"
+PY_CACHE = NODE_CACHE.parent / "py-clients"
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def _failed(exc: BaseException) -> ClientFailed:
     response = getattr(exc, "response", None)
     if status is None and response is not None:
         status = getattr(response, "status_code", None)
-    return ClientFailed(type(exc).__name__, status, str(exc)[:300])
+    return ClientFailed(type(exc).__name__, status, str(exc)[:1000])
 
 
 def _catching(run: Callable[[Request], Answer]) -> Callable[[Request], Answer]:
@@ -261,6 +263,7 @@ def _litellm(provider: str, req: Request) -> Answer:
 
 def instructor_openai(req: Request) -> Answer:
     """instructor in JSON mode; the simulator is told to answer with the object's JSON."""
+    nodeps_dir()
     import instructor
     import openai
     from pydantic import BaseModel
@@ -357,7 +360,8 @@ def _read_events(provider: str, events: list[dict[str, Any]]) -> Answer:
                 tokens_in, tokens_out = e["usage"]["prompt_tokens"], e["usage"]["completion_tokens"]
         elif provider == "anthropic":
             text += "".join(b.get("text", "") for b in e.get("content", []))
-            text += e.get("delta", {}).get("text", "") if e.get("type") == "content_block_delta" else ""
+            if e.get("type") == "content_block_delta":
+                text += e["delta"].get("text", "")
             usage = e.get("usage") or e.get("message", {}).get("usage") or {}
             tokens_in = usage.get("input_tokens", tokens_in)
             tokens_out = usage.get("output_tokens", tokens_out)
@@ -368,6 +372,21 @@ def _read_events(provider: str, events: list[dict[str, Any]]) -> Answer:
             tokens_in = meta.get("promptTokenCount", tokens_in)
             tokens_out = meta.get("candidatesTokenCount", tokens_out)
     return Answer(text, tokens_in, tokens_out)
+
+
+def nodeps_dir() -> Path:
+    """tests/clients/requirements-nodeps.txt, installed once without their dependency pins
+    into a cached folder that joins the end of sys.path."""
+    target = PY_CACHE / hashlib.sha256(PY_NODEPS.read_bytes()).hexdigest()[:16]
+    done = target / ".installed"
+    if not done.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                        str(target), "-r", str(PY_NODEPS)], check=True, capture_output=True,
+                       timeout=600)
+        done.touch()
+    if str(target) not in sys.path:
+        sys.path.append(str(target))
+    return target
 
 
 # --- Node -----------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from proxy.simulator import Scenario, reply_text
 from proxy.simulator import anthropic as sim_anthropic
 from proxy.simulator import gemini as sim_gemini
 from proxy.simulator import openai as sim_openai
-from tests.client_matrix import MATRIX, Client, ClientFailed, Request, node_dir
-from tests.conftest import VIRTUAL_KEY, Stack, sha
+from tests.client_matrix import MATRIX, Client, ClientFailed, Request, node_dir, nodeps_dir
+from tests.conftest import VIRTUAL_KEY, Stack, http, sha
 
 REFUSED_KEY = "mp-test-refused-429"
 REFUSED_402_KEY = "mp-test-refused-402"
@@ -51,6 +51,8 @@ def ready(client: Client) -> None:
             node_dir()
         except FileNotFoundError as exc:
             pytest.skip(f"node and npm are needed: {exc}")
+    elif client.name == "instructor":
+        nodeps_dir()
     elif client.package:
         try:
             importlib.metadata.version(client.package)
@@ -149,3 +151,65 @@ def test_node_clients_install_from_the_lockfile() -> None:
         installed = json.loads((node_dir() / "node_modules" / name / "package.json").read_text())
         assert installed["version"] == version == lock["packages"][f"node_modules/{name}"][
             "version"]
+
+
+def test_litellm_gemini_without_version_is_told_the_base_url(stack: Stack) -> None:
+    """litellm's Gemini route set to …/gemini (it then calls /gemini/models/…) gets a 400
+    naming …/gemini/v1beta, and the row keeps the model and method it asked for."""
+    litellm = next(c for c in MATRIX if c.name == "litellm (gemini)")
+    ready(litellm)
+    import tests.client_matrix as matrix
+
+    before, received = len(stack.rows()), len(stack.sim.received)
+    bases = matrix.LITELLM_BASE
+    matrix.LITELLM_BASE = {**bases, "gemini": "/gemini"}
+    try:
+        with pytest.raises(ClientFailed) as caught:
+            litellm.run(Request(stack.url, VIRTUAL_KEY, False, "Where am I",
+                                {"X-Meter-Customer": "acme", "X-Meter-Feature": "lost"}))
+    finally:
+        matrix.LITELLM_BASE = bases
+    assert caught.value.status == 400
+    assert f"{stack.url}/gemini/v1beta" in str(caught.value)
+    assert len(stack.sim.received) == received
+    [row] = stack.rows(before + 1)[before:]
+    assert (row["status"], row["outcome"], row["endpoint"], row["model"]) == (
+        400, "rejected", "generateContent", "gemini-2.5-flash")
+    assert (row["key_name"], row["customer"], row["feature"]) == ("team-a", "acme", "lost")
+
+
+@pytest.mark.parametrize(("path", "headers", "shape"), [
+    ("/anthropic/messages", {"x-api-key": VIRTUAL_KEY}, "anthropic"),
+    ("/gemini/models/gemini-2.5-flash:generateContent", {"x-goog-api-key": VIRTUAL_KEY},
+     "gemini"),
+])
+def test_unversioned_provider_path_is_a_400_naming_the_base_url(stack: Stack, path: str,
+                                                                headers: dict[str, str],
+                                                                shape: str) -> None:
+    """A path the provider's API cannot have is not forwarded into a 404 but explained."""
+    received = len(stack.sim.received)
+    body = json.dumps({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [],
+                       "contents": []}).encode()
+    reply = http("POST", stack.url + path, body, {**headers, "Content-Type": "application/json"})
+    assert reply.status_code == 400 and len(stack.sim.received) == received
+    error = reply.json()["error"]
+    message = error["message"]
+    assert f"{stack.url}/{path.split('/')[1]}" in message
+    assert error["type" if shape == "anthropic" else "status"] == (
+        "invalid_request_error" if shape == "anthropic" else "INVALID_ARGUMENT")
+
+
+def test_rejected_call_row_keeps_what_was_readable(stack: Stack) -> None:
+    """A call refused for a bad header keeps its endpoint, model, customer and feature."""
+    before = len(stack.rows())
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user",
+                                                             "content": "hi"}]}).encode()
+    reply = http("POST", f"{stack.url}/openai/v1/chat/completions", body,
+                 {"Authorization": f"Bearer {VIRTUAL_KEY}", "Content-Type": "application/json",
+                  "X-Meter-Customer": "acme", "X-Meter-Feature": "search",
+                  "X-Meter-Colour": "blue"})
+    assert reply.status_code == 400 and "X-Meter-Colour" in reply.json()["error"]["message"]
+    [row] = stack.rows(before + 1)[before:]
+    assert (row["status"], row["outcome"], row["key_name"], row["endpoint"], row["model"],
+            row["customer"], row["feature"]) == (400, "rejected", "team-a", "chat.completions",
+                                                 "gpt-4o-mini", "acme", "search")

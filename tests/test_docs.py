@@ -128,3 +128,21 @@ def test_reconcile_is_documented() -> None:
         assert f"`{field}`" in doc, field
     api = yaml.safe_load((ROOT / "docs/openapi.yaml").read_text())
     assert "/_meter/reconcile" in api["paths"]
+
+
+def test_readme_client_table_is_the_tested_matrix() -> None:
+    """"Point your client at it" lists exactly the clients tests/test_clients.py drives, in
+    order, each with the refusal behaviour that test asserts."""
+    from tests.client_matrix import MATRIX
+
+    section = README.split("## Point your client at it", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split(" | ")]
+            for line in section.splitlines() if line.startswith("| ")][2:]
+    assert [r[0] for r in rows] == [c.name for c in MATRIX]
+    for (name, setup, refusal), client in zip(rows, MATRIX, strict=True):
+        assert f"`{client.raises}`" in refusal, name
+        plural = "attempt" if client.attempts_on_429 == 1 else "attempts"
+        assert f"{client.attempts_on_429} {plural}" in refusal, name
+        if client.attempts_on_429 > 1:
+            assert "refusal_status: 402" in refusal, name
+        assert f"/{client.provider}" in setup, name

@@ -9,6 +9,7 @@ last value seen wins and nothing is ever added up.
 
 from __future__ import annotations
 
+import re
 from types import MappingProxyType
 from typing import Any
 
@@ -46,6 +47,7 @@ _ERRORS = {
 _DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking",
                "input_json_delta": "partial_json"}
 _TEXT_KEYS = ("text", "thinking", "content", "source")
+_PLACED = re.compile(r"/v\d+(?:/|$)")
 
 
 class AnthropicDialect:
@@ -64,6 +66,13 @@ class AnthropicDialect:
         if parts == ["messages", "count_tokens"]:
             return Call(endpoint="count_tokens", model=model)
         return Call(endpoint=".".join(parts[:2]) or "root", model=model)
+
+    def misplaced(self, path: str, base: str) -> str | None:
+        if _PLACED.match(path):
+            return None
+        return (f"Anthropic API paths start with /v1/: set the base URL to {base} (the "
+                f"anthropic SDKs, LangChain, pydantic-ai, litellm) or {base}/v1 (the Vercel AI "
+                "SDK's baseURL)")
 
     def client_key(self, request: web.Request) -> str | None:
         headers = request.headers

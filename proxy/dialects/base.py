@@ -73,6 +73,10 @@ class Dialect(Protocol):
     def describe(self, method: str, path: str, payload: Any) -> Call:
         """Read endpoint, model, stream flag and output limit from a request."""
 
+    def misplaced(self, path: str, base: str) -> str | None:
+        """None for a path this API can have; else which base URL (the provider's one on
+        this proxy is `base`) the client should be set to, since the provider would 404."""
+
     def client_key(self, request: web.Request) -> str | None:
         """The key the client sent, wherever its SDK puts it."""
 

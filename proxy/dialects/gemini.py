@@ -32,7 +32,11 @@ from proxy.errors import Kind, MeterError
 from proxy.usage import Usage, count, sub
 
 # /v1beta/models/gemini-2.5-flash:generateContent (tuned models live under tunedModels/).
-_METHOD = re.compile(r"/v\d+(?:alpha|beta)?\d*/(?:models|tunedModels)/([^/:]+):(\w+)")
+# The version is optional here so that a client set to the wrong base URL still shows its
+# model and method in the row of the 400 that `misplaced` gives it.
+_METHOD = re.compile(r"(?:/v\d+(?:alpha|beta)?\d*)?/(?:models|tunedModels)/([^/:]+):(\w+)")
+# Every path of the API starts with its version (uploads with /upload, then the version).
+_PLACED = re.compile(r"/(?:upload/)?v\d+(?:alpha|beta)?\d*(?:/|$)")
 _METERED = frozenset({"generateContent", "streamGenerateContent"})
 # Grounding with Google Search: Gemini 3 and later bill each search query, earlier models
 # each grounded request however many queries it ran.
@@ -72,6 +76,13 @@ class GeminiDialect:
         limit = config.get("maxOutputTokens", config.get("max_output_tokens"))
         return Call(endpoint=action, model=model, stream=action == "streamGenerateContent",
                     metered=True, max_output_tokens=positive_int(limit))
+
+    def misplaced(self, path: str, base: str) -> str | None:
+        if _PLACED.match(path):
+            return None
+        return (f"Gemini API paths start with a version (/v1beta/...): set the base URL to "
+                f"{base} (google-genai, LangChain, pydantic-ai) or {base}/v1beta "
+                "(litellm's api_base, the Vercel AI SDK's baseURL)")
 
     def client_key(self, request: web.Request) -> str | None:
         return request.headers.get("x-goog-api-key") or request.query.get("key") or None

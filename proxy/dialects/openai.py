@@ -101,6 +101,9 @@ class OpenAIDialect:
             call.hide_usage_chunk = not asked
         return call
 
+    def misplaced(self, path: str, base: str) -> str | None:
+        return None  # OpenAI-compatible providers root their paths in too many ways to judge
+
     def client_key(self, request: web.Request) -> str | None:
         headers = request.headers
         return bearer(headers.get("Authorization")) or headers.get("api-key") or None

@@ -90,3 +90,13 @@ def _json_object(value: str, header: str) -> dict:
 
 def _text(item: object) -> str:
     return item if isinstance(item, str) else orjson.dumps(item).decode()
+
+
+def keep_readable(x: Exchange) -> None:
+    """For a call refused before (or while) attributing it: the customer, feature and trace
+    id its headers give, where valid, so its row still says whose it was."""
+    for header, column in _COLUMNS.items():
+        value = x.request.headers.get(header)
+        if getattr(x, column) is None and value and len(value) <= MAX_VALUE \
+                and value.isprintable():
+            setattr(x, column, value)

@@ -38,8 +38,14 @@ async def read_body(rt: Runtime, x: Exchange) -> None:
 
 
 def inspect(x: Exchange) -> None:
-    """Let the dialect read endpoint, model, stream flag and output limit."""
+    """Let the dialect read endpoint, model, stream flag and output limit; refuse a path
+    the provider's API cannot have (a client set to the wrong base URL) with the right one."""
     x.call = x.dialect.describe(x.request.method, x.path, x.payload)
+    advice = x.dialect.misplaced(x.path, f"{x.request.scheme}://{x.request.host}/{x.provider}")
+    if advice is not None:
+        raise MeterError(Kind.INVALID_REQUEST,
+                         f"{x.request.method} {x.path} is not a {x.dialect.name} API path. "
+                         f"{advice}")
     if x.call.metered and not isinstance(x.payload, dict):
         raise MeterError(Kind.INVALID_REQUEST,
                          "the request body is not a JSON object (malformed JSON?)")
