@@ -78,15 +78,15 @@ class Client:
 
 
 def _failed(exc: BaseException) -> ClientFailed:
-    status = None
-    for attr in ("status_code", "status", "code"):
-        value = getattr(exc, attr, None)
-        if isinstance(value, int):
-            status = value
-            break
-    response = getattr(exc, "response", None)
-    if status is None and response is not None:
-        status = getattr(response, "status_code", None)
+    """The exception's name, and the HTTP status it (or an exception it wraps) carries."""
+    status, seen = None, exc
+    while seen is not None and status is None:
+        for attr in ("status_code", "status", "code"):
+            value = getattr(seen, attr, None)
+            if isinstance(value, int) and 100 <= value < 600:
+                status = value
+                break
+        seen = seen.__cause__ or seen.__context__
     return ClientFailed(type(exc).__name__, status, str(exc)[:1000])
 
 
@@ -446,7 +446,7 @@ MATRIX: tuple[Client, ...] = (
     Client("langchain-anthropic", _PY, "anthropic", "langchain-anthropic",
            langchain_anthropic, 1, "RateLimitError"),
     Client("langchain-google-genai", _PY, "gemini", "langchain-google-genai",
-           langchain_google, 1, "GoogleRateLimitError"),
+           langchain_google, 6, "GoogleRateLimitError"),
     Client("pydantic-ai (openai)", _PY, "openai", "pydantic-ai-slim", pydantic_ai_openai, 1,
            "ModelRateLimitError"),
     Client("pydantic-ai (anthropic)", _PY, "anthropic", "pydantic-ai-slim",
