@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,19 +393,27 @@ def nodeps_dir() -> Path:
 # --- Node -----------------------------------------------------------------------------
 
 def node_dir() -> Path:
-    """The Node clients of tests/clients/package-lock.json, installed once from npm."""
+    """The Node clients of tests/clients/package-lock.json, installed once from npm; with
+    METERPROXY_CLIENTS_LATEST=1 the newest release of each instead (one folder a day)."""
     if not (shutil.which("node") and shutil.which("npm")):
         raise FileNotFoundError(NODE_INSTALL)
-    lock = hashlib.sha256()
-    for name in ("package.json", "package-lock.json"):
-        lock.update((NODE_DIR / name).read_bytes())
-    target = NODE_CACHE / lock.hexdigest()[:16]
+    pinned = json.loads((NODE_DIR / "package.json").read_text())
+    if os.environ.get("METERPROXY_CLIENTS_LATEST"):
+        target = NODE_CACHE / f"latest-{time.strftime('%Y%m%d')}"
+        latest = {**pinned, "dependencies": dict.fromkeys(pinned["dependencies"], "latest")}
+        files = {"package.json": json.dumps(latest, indent=2)}
+        install = ["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts"]
+    else:
+        names = ("package.json", "package-lock.json")
+        digest = hashlib.sha256(b"".join((NODE_DIR / n).read_bytes() for n in names))
+        target = NODE_CACHE / digest.hexdigest()[:16]
+        files = {n: (NODE_DIR / n).read_text() for n in names}
+        install = ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"]
     if not (target / "node_modules" / ".package-lock.json").exists():
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("package.json", "package-lock.json"):
-            shutil.copy(NODE_DIR / name, target / name)
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-                       cwd=target, check=True, capture_output=True, timeout=600)
+        for name, text in files.items():
+            (target / name).write_text(text)
+        subprocess.run(install, cwd=target, check=True, capture_output=True, timeout=600)
     # ES modules resolve packages next to the script, so the driver runs from there.
     shutil.copy(NODE_DIR / "drive.mjs", target / "drive.mjs")
     return target
