@@ -216,3 +216,8 @@ def test_rejected_call_row_keeps_what_was_readable(stack: Stack) -> None:
     assert (row["status"], row["outcome"], row["key_name"], row["endpoint"], row["model"],
             row["customer"], row["feature"]) == (400, "rejected", "team-a", "chat.completions",
                                                  "gpt-4o-mini", "acme", "search")
+    # A caller with a key the proxy does not know cannot put a customer's name in the log.
+    reply = http("POST", f"{stack.url}/openai/v1/chat/completions", body,
+                 {"Authorization": "Bearer mp-not-a-key", "X-Meter-Customer": "acme"})
+    assert reply.status_code == 401
+    assert all(r["customer"] is None for r in stack.rows() if r["key_name"] is None)

@@ -94,7 +94,10 @@ def _text(item: object) -> str:
 
 def keep_readable(x: Exchange) -> None:
     """For a call refused before (or while) attributing it: the customer, feature and trace
-    id its headers give, where valid, so its row still says whose it was."""
+    id its headers give, where valid, so its row still says whose it was. Only for a known
+    key: a caller the proxy does not know must not write names into the log."""
+    if x.key_name is None:
+        return
     for header, column in _COLUMNS.items():
         value = x.request.headers.get(header)
         if getattr(x, column) is None and value and len(value) <= MAX_VALUE \
