@@ -390,3 +390,41 @@ def test_every_token_class_has_a_bill_class() -> None:
     assert bill_class("cache_write_1h") is BillClass.CACHE_WRITE_1H
     assert bill_class("cached_audio_input") is BillClass.CACHED_INPUT
     assert bill_class("image_output") is BillClass.OUTPUT
+
+
+def test_the_log_side_is_the_same_on_postgresql(traffic: Any, tmp_path: Path) -> None:
+    """The metered days read from the simulator's SQLite log and from the same rows in a
+    real PostgreSQL log are equal: counts per class and dollars to the last digit."""
+    import sqlite3
+
+    from proxy.storage import open_usage_log
+    from proxy.storage.metered import metered_by_day
+    from proxy.storage.readers import open_reader
+    from proxy.storage.row import COLUMNS, UsageRow
+    from tests.scale import pg_database
+
+    db = traffic[0]
+    conn = sqlite3.connect(db)
+    rows = [UsageRow(**dict(zip(COLUMNS, r, strict=True)))
+            for r in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM usage")]
+    conn.close()
+    since = datetime.combine(DAYS[0], datetime.min.time(), UTC)
+    until = datetime.combine(TODAY, datetime.min.time(), UTC)
+    with pg_database() as url:
+        log = open_usage_log(url, spool_dir=str(tmp_path / "spool"))
+        log.open()
+        log.write(rows)
+        log.close()
+        found = {}
+        for name, source in (("sqlite", f"sqlite:///{db}"), ("postgresql", url)):
+            reader, flavor = open_reader(source)
+            try:
+                found[name] = {p: {k: (v.calls, dict(v.counts), dict(v.usd))
+                                   for k, v in metered_by_day(reader, flavor, p, since,
+                                                              until).items()}
+                               for p in MODELS}
+            finally:
+                reader.close()
+    assert found["postgresql"] == found["sqlite"]
+    day = found["sqlite"]["anthropic"][(DAYS[0].isoformat(), BILLED_NAME["claude-sonnet-4-5"])]
+    assert day[0] == 2 and day[1]["web_search"] == 1 + 2  # k = 1 and k = 2 on D1

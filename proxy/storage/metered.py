@@ -10,6 +10,7 @@ PostgreSQL query differently.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -37,36 +38,38 @@ class MeteredDay:
 
 def metered_by_day(conn: Any, flavor: SqlFlavor, provider: str, since: datetime,
                    until: datetime) -> dict[tuple[str, str], MeteredDay]:
-    """{(YYYY-MM-DD, model as the provider answered it): MeteredDay} for calls in [since, until)."""
+    """{(YYYY-MM-DD, model as the provider answered it): MeteredDay} for calls in [since, until).
+
+    Counts are summed in SQL and split into priced classes once per group (a part is capped
+    at its parent's sum, not per row: the same unless a row reported more of a part than of
+    its whole); dollars are summed here from each breakdown, exactly.
+    """
     p = flavor.param
-    sql = (f"SELECT substr(ts, 1, 10), coalesce(response_model, model), cost_breakdown, priced, "
-           f"{', '.join(COLUMNS)} FROM usage "
-           f"WHERE provider = {p} AND ts >= {p} AND ts < {p}")
+    day, model = "substr(ts, 1, 10)", "coalesce(response_model, model)"
+    where = f"WHERE provider = {p} AND ts >= {p} AND ts < {p}"
+    params = (provider, to_ts(since), to_ts(until))
     found: dict[tuple[str, str], MeteredDay] = {}
-    cursor = conn.cursor()
-    try:
-        cursor.execute(sql, (provider, to_ts(since), to_ts(until)))
-        while batch := cursor.fetchmany(BATCH_ROWS):
-            for day, model, breakdown, priced, *counts in batch:
-                entry = found.get((day, model or ""))
-                if entry is None:
-                    entry = found[(day, model or "")] = MeteredDay()
-                _fold(entry, dict(zip(COLUMNS, counts, strict=True)), breakdown, priced)
-    finally:
-        cursor.close()
+    sums = ", ".join(f"sum({c})" for c in COLUMNS)
+    for d, m, calls, unpriced, *counts in _all(
+            conn, f"SELECT {day}, {model}, count(*), sum(CASE WHEN priced = 0 THEN 1 ELSE 0 "
+                  f"END), {sums} FROM usage {where} GROUP BY 1, 2", params):
+        entry = found[(d, m or "")] = MeteredDay(calls=calls, unpriced_calls=unpriced or 0)
+        split = priced_counts({c: int(n or 0) for c, n in zip(COLUMNS, counts, strict=True)})
+        entry.counts.update({name: n for name, n in split.items() if n})
+    for d, m, breakdown in _all(conn, f"SELECT {day}, {model}, cost_breakdown FROM usage "
+                                      f"{where} AND cost_breakdown IS NOT NULL", params):
+        parsed = orjson.loads(breakdown) if isinstance(breakdown, str | bytes) else breakdown
+        usd = found.setdefault((d, m or ""), MeteredDay()).usd
+        for name, line in (parsed.get("classes") or {}).items():
+            usd[name] += Decimal(str(line.get("usd") or "0"))
     return found
 
 
-def _fold(entry: MeteredDay, counts: dict[str, int | None], breakdown: Any, priced: Any
-          ) -> None:
-    entry.calls += 1
-    for name, n in priced_counts({k: v or 0 for k, v in counts.items()}).items():
-        if n:
-            entry.counts[name] += n
-    if not priced:
-        entry.unpriced_calls += 1
-    if not breakdown:
-        return
-    parsed = orjson.loads(breakdown) if isinstance(breakdown, str | bytes) else breakdown
-    for name, line in (parsed.get("classes") or {}).items():
-        entry.usd[name] += Decimal(str(line.get("usd", "0")))
+def _all(conn: Any, sql: str, params: tuple) -> Iterator[tuple]:
+    cursor = conn.cursor()
+    try:
+        cursor.execute(sql, params)
+        while batch := cursor.fetchmany(BATCH_ROWS):
+            yield from batch
+    finally:
+        cursor.close()
