@@ -131,7 +131,8 @@ class Server:
             return
         self.reconcile = ReconcileSchedule(
             lambda: (self.current.settings, self.current.prices, self.current.now().date()),
-            self.services.session, every)
+            self.services.session, every,
+            claim=self.services.ledger.claim_alert if self.services.ledger.shared else None)
         self.services.metrics.gauges.append(self.reconcile.gauges)
         self.reconcile.start()
 

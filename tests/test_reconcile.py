@@ -428,3 +428,31 @@ def test_the_log_side_is_the_same_on_postgresql(traffic: Any, tmp_path: Path) ->
     assert found["postgresql"] == found["sqlite"]
     day = found["sqlite"]["anthropic"][(DAYS[0].isoformat(), BILLED_NAME["claude-sonnet-4-5"])]
     assert day[0] == 2 and day[1]["web_search"] == 1 + 2  # k = 1 and k = 2 on D1
+
+
+def test_instances_on_a_shared_ledger_alert_a_day_once(tmp_path: Path, fake: FakeBilling,
+                                                        traffic: Any) -> None:
+    """Two `serve` processes on one Redis ledger both check yesterday; one webhook."""
+    from tests.scale import redis_prefix, redis_url
+
+    fake.faults = Faults(missing_day=DAYS[2].isoformat())
+    with redis_prefix() as prefix:
+        conf = config(tmp_path, traffic[0], fake, reconcile={"every": "24h"},
+                      alerts={"webhook_url": f"{fake.url}/hook"},
+                      server={"admin_key_env": "METERPROXY_TEST_RECONCILE_ADMIN"},
+                      storage={"ledger": f"{redis_url()}?prefix={prefix}"})
+        env = {"METERPROXY_TEST_RECONCILE_ADMIN": "rec-admin"}
+        both = [Served(tmp_path, conf, env=env), Served(tmp_path, conf, env=env)]
+        try:
+            done = 'meterproxy_reconcile_cells_outside_tolerance{provider="gemini"}'
+            deadline = time.monotonic() + 60
+            for served in both:  # a gauge appears once that check (and its alert) is done
+                while done not in http("GET", f"{served.url}/metrics", headers={
+                        "Authorization": "Bearer rec-admin"}).content.decode():
+                    assert time.monotonic() < deadline, served.logs()
+                    time.sleep(0.05)
+        finally:
+            for served in both:
+                served.stop()
+    assert sorted((h["provider"], h["day"]) for h in fake.hooks) == [
+        (p, DAYS[2].isoformat()) for p in ("anthropic", "gemini", "openai")]

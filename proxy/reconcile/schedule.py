@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -24,6 +25,7 @@ from proxy.metrics import gauge
 from proxy.pricing import PriceBook
 from proxy.reconcile.bill import BillingSourceError
 from proxy.reconcile.run import BillingProvider, run
+from proxy.storage import LedgerUnavailable
 from proxy.webhook import post_event
 
 log = structlog.get_logger("meterproxy")
@@ -52,6 +54,8 @@ class ReconcileSchedule:
     current: Callable[[], tuple[Settings, PriceBook, date]]  # the live config and today
     session: aiohttp.ClientSession
     interval_s: float
+    # The ledger's claim_alert: with a shared ledger, one instance of many alerts a day.
+    claim: Callable[[str, Decimal], Awaitable[bool]] | None = None
     last: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     alerted: set[tuple[str, str]] = field(default_factory=set)
@@ -84,14 +88,23 @@ class ReconcileSchedule:
                           error=str(exc))
                 continue
             data = result.to_json()
-            data["checked_at"] = time.time()
-            self.last[provider] = data
             log.info("reconciled", provider=provider, day=day.isoformat(), status=data["status"],
                      diff_cost_usd=data["totals"]["diff_cost_usd"],
                      unmetered_cost_usd=data["totals"]["unmetered_cost_usd"])
             if data["status"] != "ok" and (provider, day.isoformat()) not in self.alerted:
                 self.alerted.add((provider, day.isoformat()))
-                await self._alert(settings, provider, day, data)
+                if await self._claimed(provider, day):
+                    await self._alert(settings, provider, day, data)
+            data["checked_at"] = time.time()
+            self.last[provider] = data  # after the alert: a gauge means the check is done
+
+    async def _claimed(self, provider: str, day: date) -> bool:
+        if self.claim is None:
+            return True
+        try:
+            return await self.claim(f"reconcile:{provider}:{day.isoformat()}", Decimal(0))
+        except LedgerUnavailable:
+            return True  # better twice than never, as for budget alerts
 
     async def _alert(self, settings: Settings, provider: str, day: date,
                      data: dict[str, Any]) -> None:
