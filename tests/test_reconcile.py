@@ -398,7 +398,6 @@ def test_the_log_side_is_the_same_on_postgresql(traffic: Any, tmp_path: Path) ->
     import sqlite3
 
     from proxy.storage import open_usage_log
-    from proxy.storage.metered import metered_by_day
     from proxy.storage.readers import open_reader
     from proxy.storage.row import COLUMNS, UsageRow
     from tests.scale import pg_database
@@ -417,14 +416,10 @@ def test_the_log_side_is_the_same_on_postgresql(traffic: Any, tmp_path: Path) ->
         log.close()
         found = {}
         for name, source in (("sqlite", f"sqlite:///{db}"), ("postgresql", url)):
-            reader, flavor = open_reader(source)
-            try:
+            with open_reader(source) as reader:
                 found[name] = {p: {k: (v.calls, dict(v.counts), dict(v.usd))
-                                   for k, v in metered_by_day(reader, flavor, p, since,
-                                                              until).items()}
+                                   for k, v in reader.metered_by_day(p, since, until).items()}
                                for p in MODELS}
-            finally:
-                reader.close()
     assert found["postgresql"] == found["sqlite"]
     day = found["sqlite"]["anthropic"][(DAYS[0].isoformat(), BILLED_NAME["claude-sonnet-4-5"])]
     assert day[0] == 2 and day[1]["web_search"] == 1 + 2  # k = 1 and k = 2 on D1
