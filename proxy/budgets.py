@@ -16,13 +16,14 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import structlog
 
 from proxy import tokens
-from proxy.config import BudgetConfig, Enforce, LedgerFailure, Period, Settings
+from proxy.config import BudgetConfig, Enforce, LedgerFailure, Period, Settings, Unpriced
 from proxy.errors import Kind, MeterError
 from proxy.pricing import PriceBook, cost
 from proxy.storage import LedgerUnavailable
@@ -38,6 +39,8 @@ log = structlog.get_logger("meterproxy.budgets")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Prompts longer than this are counted in a thread so the event loop keeps moving.
 INLINE_COUNT_BYTES = 64 * 1024
+# Held for context a provider keeps (previous_response_id) when the table has no window.
+DEFAULT_CONTEXT_WINDOW = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +56,16 @@ class Budget:
     block: bool
 
     def concrete_scope(self, attrs: dict[str, str | None]) -> str | None:
-        """`customer=acme,feature=search` for a call this budget covers, else None."""
+        """`customer=acme,feature=search` for a call this budget covers, else None.
+
+        Values are percent-encoded, so any value (commas, `=`, `/`, `@`, quotes, non-ASCII)
+        keeps the scope and the ledger key built from it unambiguous (_attrs_of)."""
         parts = []
         for dim, want in self.scope:
             got = attrs.get(dim)
             if got is None or (want != "*" and got != want):
                 return None
-            parts.append(f"{dim}={got}")
+            parts.append(f"{dim}={quote(got, safe='')}")
         return ",".join(parts)
 
     def bounds(self, now: datetime) -> tuple[datetime, datetime | None]:
@@ -213,6 +219,7 @@ class Budgets:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.ledger_failure = settings.storage.ledger_failure
         self.refusal_status = settings.server.refusal_status
+        self.allow_unpriced = settings.pricing.unpriced is Unpriced.ALLOW
         self.alerts = alerts
 
     def applicable(self, attrs: dict[str, str | None], now: datetime
@@ -231,12 +238,27 @@ class Budgets:
         applicable = self.applicable(call_attrs(x.key_name, x.customer, x.feature, x.tags), now)
         if not applicable:
             return
-        usd, count = await self.estimate(x, now)
+        usd_budget = next(((b, scope) for b, scope, _, _ in applicable
+                           if b.block and b.limit_usd is not None), None)
+        if not x.call.metered:  # an endpoint opened by allow_unmetered: it has no price
+            if usd_budget is not None:
+                raise MeterError(
+                    Kind.PERMISSION, f"endpoint_not_metered: {x.call.endpoint} is open but not "
+                    f"metered, so it cannot run under {usd_budget[0].describe(usd_budget[1])}",
+                    code="endpoint_not_metered")
+            return
+        usd, count = await self.estimate(x, now, usd_budget)
         holds = [Hold(key=key, usd=usd, tokens=count, limit_usd=b.limit_usd,
                       limit_tokens=b.limit_tokens, block=b.block, period_end=end)
                  for b, _, key, end in applicable]
+        # Shielded: a client that goes away mid-reserve must not leave a hold behind, so
+        # a reserve that completes after the cancel is released at once.
+        pending = asyncio.ensure_future(self.ledger.reserve(x.id, holds, self.ttl_s))
         try:
-            result = await self.ledger.reserve(x.id, holds, self.ttl_s)
+            result = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(lambda done: self._release_orphan(done, x.id))
+            raise
         except LedgerUnavailable as exc:
             log.error("ledger_unavailable", request_id=x.id, policy=self.ledger_failure,
                       error=str(exc))
@@ -263,28 +285,53 @@ class Budgets:
                              status=status or self.refusal_status)
         x.reservation = Reservation([(b, scope, h) for (b, scope, _, _), h
                                      in zip(applicable, holds, strict=True)])
+        # Only the caller's own key budgets: another scope's balance is not its business.
         remaining = [h.limit_usd - bal.spent_usd - bal.reserved_usd
-                     for h, bal in zip(holds, result.balances, strict=True)
-                     if h.limit_usd is not None]
+                     for (b, _, _, _), h, bal in zip(applicable, holds, result.balances,
+                                                     strict=True)
+                     if h.limit_usd is not None and any(d == "key" for d, _ in b.scope)]
         if remaining:
             x.budget_remaining = max(min(remaining), ZERO)
 
-    async def estimate(self, x: Exchange, now: datetime) -> tuple[Decimal, int]:
-        """The call's most expensive outcome: its prompt plus its whole output allowance."""
-        texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
+    def _release_orphan(self, done: asyncio.Future, call_id: str) -> None:
+        """A reserve whose caller was cancelled: give back whatever it held."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        if done.result().refused is None:
+            self.spawn(self.ledger.settle(call_id, ZERO, 0))
+
+    async def estimate(self, x: Exchange, now: datetime,
+                       usd_budget: tuple[Budget, str] | None = None) -> tuple[Decimal, int]:
+        """The call's most expensive outcome: its prompt (with any context the provider
+        keeps for it) plus its whole output allowance for every answer it asks for.
+
+        A model without a price cannot be held against a USD budget: it is refused
+        unless pricing.unpriced is `allow`."""
         model = x.call.model
+        table = x.upstream.pricing_table
+        price = self.prices.lookup(table, [model], now)
+        if price is None and usd_budget is not None and not self.allow_unpriced:
+            raise MeterError(
+                Kind.PERMISSION,
+                f"model_unpriced: {x.upstream.name} model {model!r} has no price, so it cannot "
+                f"run under {usd_budget[0].describe(usd_budget[1])}; give it one in "
+                "pricing.overrides (or set pricing.unpriced: allow)", param="model",
+                code="model_unpriced")
+        texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
         if len(x.body) > INLINE_COUNT_BYTES:
             prompt = await tokens.off_loop(tokens.count_texts, texts, model)
         else:
             prompt = tokens.count_texts(texts, model)
         prompt += overhead
-        table = x.upstream.pricing_table
+        entry = self.prices.model(table, [model])
+        if x.call.server_context:
+            prompt += entry.context_window if entry and entry.context_window \
+                else DEFAULT_CONTEXT_WINDOW
         output = x.call.max_output_tokens
         if output is None:
-            entry = self.prices.model(table, [model])
             output = entry.max_output_tokens if entry and entry.max_output_tokens \
                 else self.default_output
-        price = self.prices.lookup(table, [model], now)
+        output *= x.call.choices
         usage = Usage(input_tokens=prompt, output_tokens=output)
         usd = cost(usage, price, now).total if price is not None else ZERO
         return usd, prompt + output
@@ -348,14 +395,19 @@ def current_periods(budgets: list[Budget], seen: Iterable[str], now: datetime
     for budget in budgets:
         scopes = {s for s in seen if budget.concrete_scope(_attrs_of(s)) == s}
         if all(want != "*" for _, want in budget.scope):
-            scopes.add(",".join(f"{d}={v}" for d, v in budget.scope))
+            scopes.add(budget.concrete_scope(dict(budget.scope)) or "")
         start, end = budget.bounds(now)
         found += [(budget, scope, budget.key(scope, start), end) for scope in sorted(scopes)]
     return found
 
 
 def _attrs_of(scope: str) -> dict[str, str | None]:
-    return dict(part.split("=", 1) for part in scope.split(",")) if scope else {}
+    """The attributes a scope from Budget.concrete_scope was built from."""
+    attrs: dict[str, str | None] = {}
+    for part in scope.split(",") if scope else ():
+        dim, _, value = part.partition("=")
+        attrs[dim] = unquote(value)
+    return attrs
 
 
 def status_row(budget: Budget, scope: str, balance: Balance,

@@ -47,6 +47,13 @@ class Period(StrEnum):
     TOTAL = "total"
 
 
+class Unpriced(StrEnum):
+    """A model with no price, under a blocking USD budget."""
+
+    REFUSE = "refuse"  # 403 model_unpriced
+    ALLOW = "allow"  # admitted and flagged (priced = 0, a warning, a metric)
+
+
 class Enforce(StrEnum):
     BLOCK = "block"  # refuse calls that would go over
     ALERT_ONLY = "alert_only"  # only alert
@@ -78,6 +85,8 @@ class StorageConfig:
 class PricingConfig:
     dir: str | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A model with no price under a USD budget: refused, or admitted and flagged.
+    unpriced: Unpriced = Unpriced.REFUSE
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,9 @@ class ProviderConfig:
     timeout_s: float = 600
     pricing: str | None = None
     auth_header: str | None = None
+    # Endpoints the proxy cannot meter, opened anyway (logged unpriced, never under a USD
+    # budget), by the name the refusal gives (e.g. batches, images.generations).
+    allow_unmetered: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,11 @@ class KeyConfig:
     tags: dict[str, str] = field(default_factory=dict)
     models: list[str] = field(default_factory=list)
     refusal_status: int | None = None  # this key's clients' own (else server.refusal_status)
+    # Attribution the key fixes: headers may repeat these values, never change them.
+    customer: str | None = None
+    feature: str | None = None
+    # The only customers this key may name (X-Meter-Customer); empty: any.
+    customers: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -268,6 +285,9 @@ def _validate(s: Settings) -> None:
     def fail(path: str, msg: str) -> typing.NoReturn:
         raise ConfigError(f"{src}: {path}: {msg}")
 
+    if s.auth.mode is AuthMode.PASSTHROUGH and any(k.budgets for k in s.keys):
+        fail("keys[].budgets", "passthrough mode has no virtual keys to hold these budgets "
+             "against: use auth.mode virtual_keys, or move them to top-level budgets")
     if not 0 < s.server.port < 65536:
         fail("server.port", f"must be a TCP port (1-65535), not {s.server.port}")
     if s.reservations.default_max_output_tokens <= 0 or s.reservations.ttl_s <= 0:
@@ -302,6 +322,8 @@ def _validate(s: Settings) -> None:
             fail(f"{path}.refusal_status", f"must be 429, 402 or 403, not {key.refusal_status!r}")
         for j, b in enumerate(key.budgets):
             _validate_budget(b, f"{path}.budgets[{j}]", fail)
+        if key.customer is not None and key.customers and key.customer not in key.customers:
+            fail(f"{path}.customer", "is pinned to a customer not in its customers list")
     for i, b in enumerate(s.budgets):
         _validate_budget(b, f"budgets[{i}]", fail)
         if not b.scope:

@@ -56,11 +56,14 @@ class MeterError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         status: int | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
+        # A machine-readable reason more precise than the kind (e.g. model_unpriced).
+        self.code = code
         self.headers = headers or {}
         # A kind's usual status, unless configured otherwise (budgets' refusal_status).
         self._status = status

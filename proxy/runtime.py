@@ -50,6 +50,7 @@ class Upstream:
     auth_header: str | None
     timeout_s: float
     pricing_table: str
+    allow_unmetered: frozenset[str] = frozenset()
     # Silence longer than timeout_s while waiting or streaming is a 504; no total limit,
     # so a long stream that keeps talking is never cut.
     timeout: aiohttp.ClientTimeout = field(init=False)
@@ -239,6 +240,7 @@ def build_upstreams(settings: Settings) -> dict[str, Upstream]:
             auth_header=conf.auth_header,
             timeout_s=conf.timeout_s,
             pricing_table=conf.pricing or name,
+            allow_unmetered=frozenset(conf.allow_unmetered),
         )
     return upstreams
 

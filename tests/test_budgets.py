@@ -140,8 +140,8 @@ def test_wildcard_scope_gives_each_customer_its_own_budget(tmp_path: Path) -> No
         a = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
         b = openai.OpenAI(base_url=stack.base(), api_key=OTHER_KEY, max_retries=0)
         first = chat(a, **{"X-Meter-Customer": "acme"})
-        remaining = Decimal(first.headers["x-meter-budget-remaining-usd"])
-        assert remaining == 2 * cost + cost / 2 - cost
+        # acme's budget is not the key's own: its balance is not told to whoever names acme.
+        assert "x-meter-budget-remaining-usd" not in first.headers
         chat(b, **{"X-Meter-Customer": "acme"})
         with pytest.raises(openai.RateLimitError):
             chat(a, **{"X-Meter-Customer": "acme"})

@@ -20,6 +20,7 @@ from multidict import CIMultiDict, MultiDict
 from proxy.dialects.base import (
     BuiltinProvider,
     Call,
+    DescribedPolicy,
     DialectSpec,
     Metered,
     TextTally,
@@ -64,8 +65,9 @@ class AnthropicDialect:
             return Call(endpoint="messages", model=model, stream=body.get("stream") is True,
                         metered=True, max_output_tokens=positive_int(body.get("max_tokens")))
         if parts == ["messages", "count_tokens"]:
-            return Call(endpoint="count_tokens", model=model)
-        return Call(endpoint=".".join(parts[:2]) or "root", model=model)
+            return Call(endpoint="count_tokens", model=model, free=True)
+        return Call(endpoint=".".join(parts[:2]) or "root", model=model,
+                    free=_free(method, parts))
 
     def misplaced(self, path: str, base: str) -> str | None:
         if _PLACED.match(path):
@@ -244,9 +246,20 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _free(method: str, parts: list[str]) -> bool:
+    """Whether Anthropic bills nothing for this call: listing models, reading, cancelling
+    or deleting batches and files. Creating a batch is billable and not metered here."""
+    if method in ("GET", "HEAD", "DELETE"):
+        return parts[:1] in (["models"], ["files"]) or parts[:2] == ["messages", "batches"]
+    return (method == "POST" and len(parts) == 4 and parts[:2] == ["messages", "batches"]
+            and parts[3] == "cancel")
+
+
+_ADAPTER = AnthropicDialect()
 SPEC = DialectSpec(
     name="anthropic",
-    adapter=AnthropicDialect(),
+    adapter=_ADAPTER,
+    endpoint_policy=DescribedPolicy(_ADAPTER),
     key_headers=("x-api-key", "Authorization"),
     providers=MappingProxyType({"anthropic": BuiltinProvider("https://api.anthropic.com",
                                                              "ANTHROPIC_API_KEY")}),

@@ -36,6 +36,20 @@ class Call:
     max_output_tokens: int | None = None
     # OpenAI chat streams: the proxy asked for the usage chunk and must hide it.
     hide_usage_chunk: bool = False
+    # A call the provider bills nothing for; neither metered nor free means not metered.
+    free: bool = False
+    # Answers generated at once (`n`, `candidateCount`): each may use the whole output bound.
+    choices: int = 1
+    # The prompt continues context the provider keeps (previous_response_id, conversation).
+    server_context: bool = False
+    # Why a not-metered call is not metered, when it is a flag in the body, not the path.
+    unmetered_reason: str | None = None
+
+    @property
+    def policy(self) -> EndpointKind:
+        if self.metered:
+            return EndpointKind.METERED
+        return EndpointKind.FREE if self.free else EndpointKind.NOT_METERED
 
 
 @dataclass(slots=True)
@@ -110,15 +124,29 @@ class BuiltinProvider:
 
 
 class EndpointKind(StrEnum):
-    METERED = "metered"  # priced from the response
+    """How the proxy treats a call to one endpoint (docs/budgets.md)."""
+
+    METERED = "metered"  # priced from the response, held against budgets
     FREE = "free"  # costs nothing (model lists, token counting, reads)
-    NOT_METERED = "not_metered"  # billable but not priced by the proxy
+    NOT_METERED = "not_metered"  # billable but not priced by the proxy: refused by default
 
 
 class EndpointPolicy(Protocol):
     """What each path under a provider of this dialect is; see issue 11."""
 
     def classify(self, method: str, path: str) -> EndpointKind: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DescribedPolicy:
+    """A dialect's endpoint policy as its adapter's describe() states it for a request
+    without a body: one place decides, for the registry and for each call (where a body
+    flag such as `background: true` can still make a metered endpoint not metered)."""
+
+    adapter: Dialect
+
+    def classify(self, method: str, path: str) -> EndpointKind:
+        return self.adapter.describe(method, path, None).policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +172,14 @@ def bearer(value: str | None) -> str | None:
         token = value[7:].strip()
         return token or None
     return None
+
+
+def version_free(path: str) -> list[str]:
+    """The path's segments without a leading API version (`v1`, `v1beta`)."""
+    parts = [p for p in path.split("/") if p]
+    if parts and re.fullmatch(r"v\d+\w*", parts[0]):
+        parts = parts[1:]
+    return parts
 
 
 def positive_int(value: Any) -> int | None:

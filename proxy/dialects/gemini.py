@@ -1,11 +1,14 @@
 """The Gemini API (generativelanguage.googleapis.com), under /v1beta/ and /v1/.
 
-Metered: `models/{model}:generateContent` and `:streamGenerateContent`; `:countTokens` and
-everything else pass through unmetered. Gemini's `promptTokenCount` includes the cached
-tokens and its thinking tokens sit outside `candidatesTokenCount`, so both are moved into
-our classes here. Streams come as SSE with `alt=sse` and as one JSON array without it;
-every chunk's usageMetadata holds running totals, and the chunk that finishes the answer
-holds the final ones.
+Metered: `models/{model}:generateContent`, `:streamGenerateContent`, `:embedContent` and
+`:batchEmbedContents` (embeddings report no usage: their input is counted). Free:
+`:countTokens` and reading models, files and batches. Everything else (batch generation,
+`:predict`, cached contents...) is not metered and refused unless allowed.
+
+Gemini's `promptTokenCount` includes the cached tokens and its thinking tokens sit outside
+`candidatesTokenCount`, so both are moved into our classes here. Streams come as SSE with
+`alt=sse` and as one JSON array without it; every chunk's usageMetadata holds running
+totals, and the chunk that finishes the answer holds the final ones.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from multidict import CIMultiDict, MultiDict
 from proxy.dialects.base import (
     BuiltinProvider,
     Call,
+    DescribedPolicy,
     DialectSpec,
     Metered,
     TextTally,
     load_body,
     positive_int,
+    version_free,
 )
 from proxy.dialects.sse import SSESplitter, is_junk, parse_event
 from proxy.errors import Kind, MeterError
@@ -37,7 +42,9 @@ from proxy.usage import Usage, count, sub
 _METHOD = re.compile(r"(?:/v\d+(?:alpha|beta)?\d*)?/(?:models|tunedModels)/([^/:]+):(\w+)")
 # Every path of the API starts with its version (uploads with /upload, then the version).
 _PLACED = re.compile(r"/(?:upload/)?v\d+(?:alpha|beta)?\d*(?:/|$)")
-_METERED = frozenset({"generateContent", "streamGenerateContent"})
+_EMBED = frozenset({"embedContent", "batchEmbedContents"})
+_METERED = frozenset({"generateContent", "streamGenerateContent"}) | _EMBED
+_FREE = frozenset({"countTokens"})
 # Grounding with Google Search: Gemini 3 and later bill each search query, earlier models
 # each grounded request however many queries it ran.
 _PER_QUERY = re.compile(r"gemini-(?:[3-9]|\d\d)")
@@ -64,18 +71,23 @@ class GeminiDialect:
         found = _METHOD.fullmatch(path.rstrip("/"))
         body = payload if isinstance(payload, dict) else {}
         if found is None:
-            parts = [p for p in path.split("/") if p]
-            if parts and re.fullmatch(r"v\d+\w*", parts[0]):
-                parts = parts[1:]
-            return Call(endpoint=parts[0] if parts else "root")
+            parts = version_free(path)
+            free = method in ("GET", "HEAD", "DELETE") and parts[:1] in (
+                ["models"], ["tunedModels"], ["files"], ["batches"], ["operations"],
+                ["cachedContents"])
+            return Call(endpoint=parts[0] if parts else "root", free=free)
         model, action = found.group(1), found.group(2)
         if method != "POST" or action not in _METERED:
-            return Call(endpoint=action, model=model)
+            return Call(endpoint=action, model=model, free=action in _FREE)
+        if action in _EMBED:
+            return Call(endpoint=action, model=model, metered=True, max_output_tokens=0)
         config = body.get("generationConfig", body.get("generation_config"))
         config = config if isinstance(config, dict) else {}
         limit = config.get("maxOutputTokens", config.get("max_output_tokens"))
+        choices = config.get("candidateCount", config.get("candidate_count"))
         return Call(endpoint=action, model=model, stream=action == "streamGenerateContent",
-                    metered=True, max_output_tokens=positive_int(limit))
+                    metered=True, max_output_tokens=positive_int(limit),
+                    choices=positive_int(choices) or 1)
 
     def misplaced(self, path: str, base: str) -> str | None:
         if _PLACED.match(path):
@@ -117,6 +129,12 @@ class GeminiDialect:
     def prompt_texts(self, call: Call, payload: Any) -> tuple[list[str], int]:
         body = payload if isinstance(payload, dict) else {}
         texts: list[str] = []
+        if call.endpoint in _EMBED:
+            requests = body.get("requests") if call.endpoint == "batchEmbedContents" else [body]
+            for request in requests if isinstance(requests, list) else []:
+                if isinstance(request, dict):
+                    _collect_parts(request.get("content"), texts)
+            return texts, 0
         _collect_parts(body.get("systemInstruction", body.get("system_instruction")), texts)
         contents = body.get("contents")
         for content in contents if isinstance(contents, list) else [contents]:
@@ -350,9 +368,11 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+_ADAPTER = GeminiDialect()
 SPEC = DialectSpec(
     name="gemini",
-    adapter=GeminiDialect(),
+    adapter=_ADAPTER,
+    endpoint_policy=DescribedPolicy(_ADAPTER),
     key_headers=("x-goog-api-key",),  # or ?key= in the query
     providers=MappingProxyType({"gemini": BuiltinProvider(
         "https://generativelanguage.googleapis.com", "GEMINI_API_KEY")}),

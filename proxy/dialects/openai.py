@@ -1,7 +1,9 @@
 """The OpenAI API family: OpenAI itself and every OpenAI-compatible provider.
 
 Metered endpoints: chat completions, legacy completions, responses and embeddings.
-Anything else (models, files, ...) passes through and is logged at zero cost.
+Free: reading stored objects (models, files, batches, responses), moderations, token
+counts. Everything else (batches, images, audio, fine-tuning, realtime, background
+responses...) is not metered and refused unless `allow_unmetered` opens it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from proxy import tokens
 from proxy.dialects.base import (
     BuiltinProvider,
     Call,
+    DescribedPolicy,
     DialectSpec,
     Metered,
     TextTally,
     bearer,
     load_body,
     positive_int,
+    version_free,
 )
 from proxy.dialects.sse import SSESplitter, parse_event
 from proxy.errors import Kind, MeterError
@@ -35,6 +39,10 @@ _METERED = (
     ("/responses", "responses"),
     ("/embeddings", "embeddings"),
 )
+# Stored objects whose GET or DELETE OpenAI does not bill. A background response is not
+# metered at creation, so reading it back is refused there, not here.
+_FREE_READS = frozenset({"models", "files", "batches", "responses", "chat", "conversations"})
+_TWO_PART = frozenset({"images", "audio", "realtime", "fine_tuning", "chat", "threads"})
 _DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 _DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta",
                      "response.function_call_arguments.delta"})
@@ -78,22 +86,32 @@ class OpenAIDialect:
         if not isinstance(model, str):
             found = _DEPLOYMENT.search(path)  # Azure names the deployment in the path
             model = found.group(1) if found else None
+        if endpoint == "responses" and body.get("background") is True:
+            # The answer is fetched later; its usage is not read there yet.
+            return Call(endpoint="responses.background", model=model,
+                        unmetered_reason="background responses are fetched later, unmetered")
         if endpoint is None:
-            return Call(endpoint=_plain_endpoint(trimmed), model=model)
+            parts = _resource_parts(trimmed)
+            return Call(endpoint=_plain_endpoint(parts), model=model,
+                        free=_free(method, parts))
         stream = body.get("stream") is True
-        call = Call(endpoint=endpoint, model=model, stream=stream, metered=True)
+        choices = positive_int(body.get("n")) or 1
+        if endpoint == "completions":
+            choices = max(choices, positive_int(body.get("best_of")) or 1)
+        call = Call(endpoint=endpoint, model=model, stream=stream, metered=True,
+                    choices=choices)
         if endpoint == "chat.completions":
             limit = positive_int(body.get("max_completion_tokens")) or positive_int(
                 body.get("max_tokens")
             )
         elif endpoint == "responses":
             limit = positive_int(body.get("max_output_tokens"))
+            call.server_context = bool(body.get("previous_response_id")
+                                       or body.get("conversation"))
         elif endpoint == "completions":
             limit = positive_int(body.get("max_tokens")) or 16  # the API's default
         else:
             limit = 0
-        if limit:
-            limit *= positive_int(body.get("n")) or 1
         call.max_output_tokens = limit
         if stream and endpoint in ("chat.completions", "completions"):
             options = body.get("stream_options")
@@ -181,7 +199,7 @@ class OpenAIDialect:
         kind, code = _ERRORS[error.kind]
         return orjson.dumps(
             {"error": {"message": error.message, "type": kind, "param": error.param,
-                       "code": code}}
+                       "code": error.code or code}}
         )
 
 
@@ -396,21 +414,45 @@ def _collect_text(value: Any, into: list[str]) -> None:
             _collect_text(item, into)
 
 
-def _plain_endpoint(path: str) -> str:
-    """A readable name for an unmetered path: /v1/models/gpt-4o -> models."""
-    parts = [p for p in path.split("/") if p]
-    if parts and re.fullmatch(r"v\d+\w*", parts[0]):
-        parts = parts[1:]
-    return parts[0] if parts else "root"
+def _resource_parts(path: str) -> list[str]:
+    """The path's segments after the version (and Azure's /openai/deployments/NAME)."""
+    parts = version_free(path)
+    if parts[:2] == ["openai", "deployments"]:
+        parts = version_free("/".join(parts[3:]))
+    return parts
+
+
+def _plain_endpoint(parts: list[str]) -> str:
+    """A readable name for a path not metered: /v1/models/gpt-4o -> models,
+    /v1/images/generations -> images.generations (the name allow_unmetered takes)."""
+    if not parts:
+        return "root"
+    if parts[0] in _TWO_PART and len(parts) > 1:
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def _free(method: str, parts: list[str]) -> bool:
+    """Whether OpenAI bills nothing for this call: reading or deleting stored objects,
+    listing models, moderations, counting tokens, cancelling."""
+    head = parts[0] if parts else ""
+    if method in ("GET", "HEAD", "DELETE"):
+        return head in _FREE_READS
+    if method == "POST":
+        return head == "moderations" or parts in (["responses", "input_tokens"],) or (
+            len(parts) == 3 and head in ("batches", "responses") and parts[2] == "cancel")
+    return False
 
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+_ADAPTER = OpenAIDialect()
 SPEC = DialectSpec(
     name="openai",
-    adapter=OpenAIDialect(),
+    adapter=_ADAPTER,
+    endpoint_policy=DescribedPolicy(_ADAPTER),
     key_headers=("Authorization", "api-key"),  # api-key: Azure OpenAI
     providers=MappingProxyType({
         name: BuiltinProvider(url, env) for name, url, env in (

@@ -127,6 +127,7 @@ class ModelPrices:
     aliases: tuple[str, ...]
     periods: tuple[Period, ...]
     max_output_tokens: int | None = None
+    context_window: int | None = None
     fine_tune_of: str | None = None  # names `ft:<base>:...` resolve to this entry
 
     def at(self, when: datetime) -> Period | None:
@@ -193,6 +194,7 @@ def parse_table(name: str, text: str) -> dict[str, ModelPrices]:
             aliases=tuple(aliases),
             periods=tuple(periods),
             max_output_tokens=int(max_out) if max_out else None,
+            context_window=int(entry["context_window"]) if entry.get("context_window") else None,
             fine_tune_of=str(base).lower() if base else None,
         )
     return result

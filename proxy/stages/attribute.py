@@ -2,7 +2,10 @@
 
 Customer, feature, trace id and free-form tags come from our headers; users moving from
 Helicone, Portkey or Cloudflare AI Gateway keep theirs. Every attribution header is
-stripped before forwarding. Invalid values are a 400, never a silent drop.
+stripped before forwarding. Invalid values are a 400, never a silent drop. What a key's
+config sets (tags, customer, feature) wins: a header that contradicts it is a 400, and
+`keys[].customers` limits which customers a key may name. Anything else is asserted by
+the client, and budgets on it are only as strong as that assertion.
 """
 
 from __future__ import annotations
@@ -57,11 +60,38 @@ def attribute(x: Exchange) -> None:
         x.headers.popall(name, None)
     if x.trace_id is None:  # the caller's W3C trace (forwarded upstream unchanged)
         x.trace_id = trace_id_of(x.headers.get("traceparent"))
-    tags = {**(x.key.tags if x.key is not None else {}), **theirs, **ours}
+    tags = {**theirs, **ours}
+    if x.key is not None:
+        _apply_key(x, tags)
     if len(tags) > MAX_TAGS:
         raise MeterError(Kind.INVALID_REQUEST, f"{len(tags)} tags on one call; the limit is "
                          f"{MAX_TAGS}")
     x.tags = tags
+
+
+def _apply_key(x: Exchange, tags: dict[str, str]) -> None:
+    """The key's own attribution wins: a header may repeat it, never change it."""
+    key = x.key
+    assert key is not None
+    for name, value in key.tags.items():
+        _same(tags.get(name), value, f"tag {name!r}", key.name)
+        tags[name] = value
+    if key.customer is not None:
+        _same(x.customer, key.customer, "customer", key.name)
+        x.customer = key.customer
+    elif key.customers and x.customer is not None and x.customer not in key.customers:
+        raise MeterError(Kind.PERMISSION,
+                         f"key {key.name!r} may not attribute calls to customer {x.customer!r}")
+    if key.feature is not None:
+        _same(x.feature, key.feature, "feature", key.name)
+        x.feature = key.feature
+
+
+def _same(sent: str | None, fixed: str, what: str, key: str) -> None:
+    if sent is not None and sent != fixed:
+        raise MeterError(Kind.INVALID_REQUEST,
+                         f"key {key!r} sets {what} to {fixed!r} in config; a header may not "
+                         f"change it to {sent!r}")
 
 
 def _tag_name(name: str, header: str) -> str:

@@ -6,6 +6,7 @@ from multidict import CIMultiDict, MultiDict
 
 from proxy.config import AuthMode
 from proxy.dialects import key_headers
+from proxy.dialects.base import EndpointKind
 from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
 from proxy.runtime import Runtime, fingerprint, key_digest
@@ -54,8 +55,22 @@ def authenticate(rt: Runtime, x: Exchange) -> None:
 
 
 def authorize(x: Exchange) -> None:
-    """A key limited to some models may call only those."""
-    if x.key is None or not x.key.models or not x.call.metered:
+    """Refuse endpoints the proxy cannot meter unless opened; a key limited to some
+    models may call only those."""
+    assert x.upstream is not None
+    call = x.call
+    if call.policy is EndpointKind.NOT_METERED:
+        if call.endpoint not in x.upstream.allow_unmetered:
+            why = call.unmetered_reason or "meterproxy cannot meter what it costs"
+            raise MeterError(
+                Kind.PERMISSION,
+                f"endpoint_not_metered: {x.request.method} {call.endpoint} on "
+                f"{x.upstream.name} is refused: {why}. An operator may open it with "
+                f"providers.{x.upstream.name}.allow_unmetered: [{call.endpoint}] (its calls "
+                "are then logged unpriced and refused under any USD budget)",
+                code="endpoint_not_metered")
+        x.priced = False
+    if x.key is None or not x.key.models or call.policy is EndpointKind.FREE:
         return
     if x.call.model not in x.key.models:
         raise MeterError(Kind.PERMISSION,

@@ -7,20 +7,30 @@ from aiohttp import web
 
 from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
+from proxy.paths import AmbiguousPath, canonical
 from proxy.runtime import Runtime
 
 
 def route(rt: Runtime, x: Exchange) -> None:
-    """The first path segment names the provider; the rest goes upstream unchanged."""
+    """The first path segment names the provider; the rest, in its canonical form
+    (proxy.paths), is what the dialect matches and what goes upstream."""
     raw = x.request.raw_path.split("?", 1)[0]
-    name, _, rest = raw.lstrip("/").partition("/")
+    first, _, rest = raw.lstrip("/").partition("/")
+    try:
+        name = canonical("/" + first)[1:]
+    except AmbiguousPath:
+        name = first
     upstream = rt.upstreams.get(name)
     if upstream is None:
         known = ", ".join(sorted(rt.upstreams))
         raise MeterError(Kind.NOT_FOUND,
                          f"no provider named {name!r} here: paths start with one of {known}")
     x.upstream = upstream
-    x.path = "/" + rest
+    try:
+        x.path = canonical("/" + rest)
+    except AmbiguousPath as exc:
+        raise MeterError(Kind.INVALID_REQUEST,
+                         f"ambiguous path: {exc}; send the plain path") from None
 
 
 async def read_body(rt: Runtime, x: Exchange) -> None:

@@ -8,7 +8,6 @@ by what it really cost, once (a repeated settle changes nothing).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -88,7 +87,9 @@ class LocalLedger:
 
     def __init__(self) -> None:
         self._balances: dict[str, Balance] = {}
-        self._calls: dict[str, tuple[float, list[Hold]]] = {}
+        # A call's holds, until its settle: the process that made them is this one and
+        # alive, so they never expire (a call may outlive reservations.ttl_s).
+        self._calls: dict[str, list[Hold]] = {}
 
     def _balance(self, key: str) -> Balance:
         balance = self._balances.get(key)
@@ -97,7 +98,6 @@ class LocalLedger:
         return balance
 
     async def reserve(self, call_id: str, holds: list[Hold], ttl_s: float) -> Reserved:
-        self._expire()
         balances = [self._balance(h.key) for h in holds]
         for hold, balance in zip(holds, balances, strict=True):
             if not fits(hold, balance):
@@ -105,15 +105,15 @@ class LocalLedger:
         for hold, balance in zip(holds, balances, strict=True):
             balance.reserved_usd += hold.usd
             balance.reserved_tokens += hold.tokens
-        self._calls[call_id] = (time.monotonic() + ttl_s, holds)
+        self._calls[call_id] = holds
         return Reserved(refused=None, balances=balances)
 
     async def settle(self, call_id: str, usd: Decimal, tokens: int) -> list[tuple[Hold, Balance]]:
-        entry = self._calls.pop(call_id, None)
-        if entry is None:
+        holds = self._calls.pop(call_id, None)
+        if holds is None:
             return []
         settled = []
-        for hold in entry[1]:
+        for hold in holds:
             balance = self._balance(hold.key)
             balance.reserved_usd -= hold.usd
             balance.reserved_tokens -= hold.tokens
@@ -123,7 +123,6 @@ class LocalLedger:
         return settled
 
     async def balances(self, keys: list[str]) -> dict[str, Balance]:
-        self._expire()
         return {k: self._balances.get(k, Balance()) for k in keys}
 
     async def seed(self, totals: dict[str, tuple[Decimal, int]]) -> None:
@@ -137,13 +136,3 @@ class LocalLedger:
 
     async def close(self) -> None:
         return None
-
-    def _expire(self) -> None:
-        """Drop holds of calls that never settled (their time-to-live has passed)."""
-        now = time.monotonic()
-        stale = [cid for cid, (deadline, _) in self._calls.items() if deadline < now]
-        for cid in stale:
-            for hold in self._calls.pop(cid)[1]:
-                balance = self._balance(hold.key)
-                balance.reserved_usd -= hold.usd
-                balance.reserved_tokens -= hold.tokens
