@@ -41,6 +41,8 @@ def seeded_stack(tmp: Path, history_rows: int = 3000) -> Stack:
                                           prefix="h"))
     return Stack(tmp, {
         "server": {"admin_key_env": ADMIN_ENV},
+        # made-up-model runs under acme's USD budget: admitted (and flagged) only so.
+        "pricing": {"unpriced": "allow"},
         "budgets": [
             {"name": "acme-monthly", "scope": {"customer": "acme"}, "period": "month",
              "limit_usd": 5},

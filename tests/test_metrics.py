@@ -22,6 +22,7 @@ def mstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     os.environ["METERPROXY_TEST_METRICS_ADMIN"] = ADMIN_KEY
     s = Stack(tmp_path_factory.mktemp("metrics"), {
         "server": {"admin_key_env": "METERPROXY_TEST_METRICS_ADMIN"},
+        "pricing": {"unpriced": "allow"},  # made-up-model runs under acme's USD budget
         "budgets": [{"scope": {"customer": "*"}, "period": "month", "limit_usd": 1}]})
     yield s
     s.close()

@@ -181,6 +181,17 @@ def reply_text(prompt: str) -> str:
             "so that streams carry several chunks and usage has real numbers.")
 
 
+def bounded_text(text: str, model: str | None, limit: Any) -> str:
+    """The text cut to at most `limit` tokens, as a provider stops at max_tokens."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return text
+    from proxy import tokens
+
+    encoding = tokens.get_encoding(tokens.encoding_name(model))
+    ids = encoding.encode(text)
+    return text if len(ids) <= limit else encoding.decode(ids[:limit])
+
+
 def split_text(text: str, pieces: int = 8) -> list[str]:
     """Cut text into stream deltas at word boundaries (leading spaces kept, like real ones)."""
     words = text.split(" ")

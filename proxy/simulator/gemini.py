@@ -1,4 +1,5 @@
-"""The simulator's Gemini API: generateContent, streamGenerateContent and countTokens.
+"""The simulator's Gemini API: generateContent, streamGenerateContent, countTokens and
+embedContent / batchEmbedContents.
 
 Under /v1beta/ and /v1/ alike. With alt=sse a stream is `data: {json}` events ending in
 CR LF CR LF; without it one JSON array. Every chunk carries usageMetadata with running
@@ -16,7 +17,14 @@ import orjson
 from aiohttp import web
 
 from proxy import tokens
-from proxy.simulator import Scenario, Simulator, reply_text, send_events, split_text
+from proxy.simulator import (
+    Scenario,
+    Simulator,
+    bounded_text,
+    reply_text,
+    send_events,
+    split_text,
+)
 
 _STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
              404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE",
@@ -35,6 +43,8 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
             count = tokens.count_text(_prompt(payload), model)
             return web.json_response({"totalTokens": count, "promptTokensDetails": [
                 {"modality": "TEXT", "tokenCount": count}]})
+        if action in ("embedContent", "batchEmbedContents"):
+            return _embed(payload, action)
         if action not in ("generateContent", "streamGenerateContent"):
             return _status(404, f"simulated Gemini has no method {action}")
         return await _generate(request, payload, model, action == "streamGenerateContent",
@@ -85,12 +95,18 @@ def _thinking(payload: dict[str, Any]) -> tuple[bool, bool]:
 async def _generate(request: web.Request, payload: dict[str, Any], model: str, stream: bool,
                     scenario: Scenario) -> web.StreamResponse:
     prompt = _prompt(payload)
+    config = payload.get("generationConfig") or {}
     text = scenario.text if scenario.text is not None else reply_text(prompt)
+    text = bounded_text(text, model, config.get("maxOutputTokens",
+                                                config.get("max_output_tokens")))
+    # candidateCount answers, each billed: candidatesTokenCount sums them.
+    count = config.get("candidateCount", config.get("candidate_count"))
+    candidates = count if isinstance(count, int) and count > 0 else 1
     thinks, show_thoughts = _thinking(payload)
     thought = f"Thinking about {prompt[:60]!r}: a short, plain answer will do." if thinks else ""
     prompt_count = tokens.count_text(prompt, model) + scenario.input_offset
     grounding = _grounding(payload, prompt)
-    usage = scenario.usage or _usage(prompt_count, tokens.count_text(text, model),
+    usage = scenario.usage or _usage(prompt_count, candidates * tokens.count_text(text, model),
                                      tokens.count_text(thought, model))
     if grounding and not scenario.usage:
         usage["toolUsePromptTokenCount"] = tokens.count_text(SEARCH_RESULT, model)
@@ -100,6 +116,7 @@ async def _generate(request: web.Request, payload: dict[str, Any], model: str, s
     thought_parts = [{"text": thought, "thought": True}] if show_thoughts else []
     if not stream:
         body = _chunk([*thought_parts, {"text": text}], version, usage, scenario, grounding)
+        body["candidates"] = [{**body["candidates"][0], "index": i} for i in range(candidates)]
         return web.Response(body=orjson.dumps(body), headers={
             "Content-Type": "application/json; charset=UTF-8", **headers})
     early = {k: usage[k] for k in ("promptTokenCount",) if k in usage}
@@ -117,6 +134,16 @@ async def _generate(request: web.Request, payload: dict[str, Any], model: str, s
     wire.append(b"]")
     return await send_events(request, scenario, wire, {
         **headers, "Content-Type": "application/json; charset=UTF-8"})
+
+
+def _embed(payload: dict[str, Any], action: str) -> web.Response:
+    """Embeddings, as the API returns them: vectors and no usage at all."""
+    requests = payload.get("requests") if action == "batchEmbedContents" else [payload]
+    vectors = [{"values": [((i + 1) * (k + 1) % 13) / 13.0 for k in range(8)]}
+               for i, _ in enumerate(requests or ())]
+    body = {"embeddings": vectors} if action == "batchEmbedContents" else \
+        {"embedding": vectors[0]}
+    return web.json_response(body)
 
 
 def _usage(prompt: int, candidates: int, thoughts: int) -> dict[str, Any]:

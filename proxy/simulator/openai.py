@@ -15,6 +15,7 @@ from proxy.simulator import (
     Received,
     Scenario,
     Simulator,
+    bounded_text,
     reply_text,
     send_body,
     send_events,
@@ -26,6 +27,8 @@ CREATED = 1727346169
 
 
 def add_routes(app: web.Application, sim: Simulator) -> None:
+    chains: dict[str, int] = {}  # response id -> tokens of its whole chain so far
+
     async def chat(request: web.Request) -> web.StreamResponse:
         received, scenario = await sim.receive(request)
         return await _chat(request, received, scenario, legacy=False)
@@ -36,7 +39,7 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
 
     async def responses(request: web.Request) -> web.StreamResponse:
         received, scenario = await sim.receive(request)
-        return await _responses(request, received, scenario)
+        return await _responses(request, received, scenario, chains)
 
     async def embeddings(request: web.Request) -> web.StreamResponse:
         received, scenario = await sim.receive(request)
@@ -116,19 +119,25 @@ async def _chat(request: web.Request, received: Received, scenario: Scenario,
     prompt_tokens += scenario.input_offset
     model = scenario.model or payload.get("model") or request.match_info.get("deployment")
     text = scenario.text if scenario.text is not None else reply_text(prompt)
-    usage = scenario.usage or _chat_usage(prompt_tokens, tokens.count_text(text, model))
+    text = bounded_text(text, model, payload.get("max_completion_tokens")
+                        or payload.get("max_tokens"))
+    # `n` answers (legacy: best_of generated), each billed: the usage counts them all.
+    n = payload.get("n") if isinstance(payload.get("n"), int) and payload["n"] > 0 else 1
+    billed = max(n, payload.get("best_of") or 1) if legacy else n
+    usage = scenario.usage or _chat_usage(prompt_tokens,
+                                          billed * tokens.count_text(text, model))
     ident = ("cmpl-" if legacy else "chatcmpl-") + "SIM" + str(zlib.crc32(prompt.encode()))
     created = CREATED
     obj = "text_completion" if legacy else "chat.completion"
     headers = {"x-request-id": f"req_sim_{ident}", **scenario.headers}
     if not payload.get("stream"):
-        choice: dict[str, Any] = (
-            {"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"} if legacy else
-            {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
+        choices: list[dict[str, Any]] = [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": "stop"} if legacy else
+            {"index": i, "message": {"role": "assistant", "content": text, "refusal": None,
                                      "annotations": []},
-             "logprobs": None, "finish_reason": "stop"})
+             "logprobs": None, "finish_reason": "stop"} for i in range(n)]
         body: dict[str, Any] = {"id": ident, "object": obj, "created": created, "model": model,
-                                "choices": [choice], "service_tier": "default",
+                                "choices": choices, "service_tier": "default",
                                 "system_fingerprint": "fp_sim"}
         if not scenario.omit_usage:
             body["usage"] = usage
@@ -165,8 +174,8 @@ def _responses_usage(prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
             "total_tokens": prompt_tokens + output_tokens}
 
 
-async def _responses(request: web.Request, received: Received,
-                     scenario: Scenario) -> web.StreamResponse:
+async def _responses(request: web.Request, received: Received, scenario: Scenario,
+                     chains: dict[str, int]) -> web.StreamResponse:
     if (failed := await _canned(request, scenario)) is not None:
         return failed
     payload = orjson.loads(received.body)
@@ -174,12 +183,18 @@ async def _responses(request: web.Request, received: Received,
     prompt_tokens += scenario.input_offset
     model = scenario.model or payload.get("model")
     text = scenario.text if scenario.text is not None else reply_text(prompt)
-    usage = scenario.usage or _responses_usage(prompt_tokens, tokens.count_text(text, model))
+    text = bounded_text(text, model, payload.get("max_output_tokens"))
+    # A continued response re-reads its whole chain: the provider bills that context.
+    context = chains.get(payload.get("previous_response_id"), 0)
+    output_tokens = tokens.count_text(text, model)
+    usage = scenario.usage or _responses_usage(prompt_tokens + context, output_tokens)
+    ident = f"resp_sim{len(chains)}"
+    chains[ident] = context + prompt_tokens + output_tokens
     created = CREATED
     message = {"type": "message", "id": "msg_sim", "status": "completed", "role": "assistant",
                "content": [{"type": "output_text", "text": text, "annotations": []}]}
     response: dict[str, Any] = {
-        "id": "resp_sim", "object": "response", "created_at": created, "status": "completed",
+        "id": ident, "object": "response", "created_at": created, "status": "completed",
         "error": None, "incomplete_details": None, "instructions": None, "model": model,
         "output": [message], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
         "service_tier": "default", "usage": None if scenario.omit_usage else usage,
