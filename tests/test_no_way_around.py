@@ -27,7 +27,7 @@ from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
 from proxy import tokens
-from proxy.budgets import Budgets, budgets_from
+from proxy.budgets import Alerts, Budgets, budgets_from
 from proxy.cli import main
 from proxy.config import ConfigError, parse_settings
 from proxy.dialects import for_name
@@ -525,9 +525,14 @@ def test_previous_response_id_holds_the_context_window(tmp_path: Path) -> None:
                 previous_response_id=first.id) for _ in range(10)], return_exceptions=True)
 
         results = asyncio.run(burst())
+        # Each continuation is billed ~20,000 context tokens ($0.003): all ten would spend
+        # $0.033. Each holds 128,000 ($0.0192), so at most one runs at a time.
         refused = [r for r in results if isinstance(r, openai.RateLimitError)]
-        assert len(refused) >= 9  # 128,000 context tokens at $0.15/M = $0.0192 each
+        assert refused and all(isinstance(r, openai.RateLimitError | openai.types.responses
+                                          .Response) for r in results)
         rows = s.rows(11)
+        billed = [r for r in rows[1:] if r["status"] == 200]
+        assert all(r["input_tokens"] > 20_000 for r in billed)
         spent = sum((Decimal(str(r["cost_usd"])) for r in rows if r["cost_usd"]), Decimal(0))
         assert spent <= Decimal("0.03")
     finally:
@@ -554,8 +559,9 @@ async def _cancel_everywhere(settings: Any, url: str) -> None:
         tasks.add(task)
 
     ledger = open_ledger(url)
+    alerts = Alerts(settings.alerts.thresholds, None, spawn, None)
     budgets = Budgets(budgets_from(settings), ledger, PriceBook.load(None, {}), settings,
-                      spawn)
+                      alerts, spawn)
     dialect = for_name("openai")
     payload = {"model": "gpt-4o-mini", "max_tokens": 10,
                "messages": [{"role": "user", "content": "hi"}]}
