@@ -568,7 +568,7 @@ async def _cancel_everywhere(settings: Any, url: str) -> None:
     body = orjson.dumps(payload)
     cancelled_somewhere = 0
     try:
-        for steps in range(12):
+        for steps in range(40):
             x = SimpleNamespace(
                 id=f"call-{steps}", started=datetime.now(UTC), key_name="k", customer=None,
                 feature=None, tags={}, call=dialect.describe("POST", "/v1/chat/completions",
