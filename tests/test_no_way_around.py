@@ -621,3 +621,35 @@ def test_error_bodies_are_json(refusing: Stack) -> None:
                  _key_headers("gemini"))
     error = json.loads(reply.content)["error"]
     assert error["code"] == 403 and error["status"] == "PERMISSION_DENIED"
+
+
+@pytest.mark.parametrize(("dialect", "method", "path", "kind"), [
+    ("openai", "POST", "/v1/chat/completions", "metered"),
+    ("openai", "POST", "/v1/embeddings", "metered"),
+    ("openai", "GET", "/v1/models", "free"),
+    ("openai", "GET", "/v1/batches/batch_1", "free"),
+    ("openai", "GET", "/v1/files/file-1/content", "free"),
+    ("openai", "POST", "/v1/moderations", "free"),
+    ("openai", "POST", "/v1/responses/input_tokens", "free"),
+    ("openai", "POST", "/v1/batches", "not_metered"),
+    ("openai", "POST", "/v1/files", "not_metered"),
+    ("openai", "POST", "/v1/audio/transcriptions", "not_metered"),
+    ("openai", "GET", "/v1/realtime", "not_metered"),
+    ("anthropic", "POST", "/v1/messages", "metered"),
+    ("anthropic", "POST", "/v1/messages/count_tokens", "free"),
+    ("anthropic", "GET", "/v1/messages/batches/b1/results", "free"),
+    ("anthropic", "POST", "/v1/messages/batches", "not_metered"),
+    ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", "metered"),
+    ("gemini", "POST", "/v1beta/models/gemini-embedding-001:embedContent", "metered"),
+    ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:countTokens", "free"),
+    ("gemini", "GET", "/v1beta/models", "free"),
+    ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", "not_metered"),
+    ("gemini", "POST", "/upload/v1beta/files", "not_metered"),
+])
+def test_registry_endpoint_policy(dialect: str, method: str, path: str, kind: str) -> None:
+    """Each dialect's SPEC states its endpoint policy; the default is not metered."""
+    from proxy.dialects import registry
+
+    policy = registry()[dialect].endpoint_policy
+    assert policy is not None
+    assert policy.classify(method, path) == kind
