@@ -65,7 +65,7 @@ class Budget:
             got = attrs.get(dim)
             if got is None or (want != "*" and got != want):
                 return None
-            parts.append(f"{dim}={quote(got, safe='')}")
+            parts.append(f"{dim}={quote(str(got), safe='')}")
         return ",".join(parts)
 
     def bounds(self, now: datetime) -> tuple[datetime, datetime | None]:

@@ -653,3 +653,34 @@ def test_registry_endpoint_policy(dialect: str, method: str, path: str, kind: st
     policy = registry()[dialect].endpoint_policy
     assert policy is not None
     assert policy.classify(method, path) == kind
+
+
+def test_nothing_in_the_log_stops_a_start(tmp_path: Path) -> None:
+    """Rows with odd attribution (a number or an object as a tag, separators in a
+    customer) are rebuilt into budgets, and the proxy starts."""
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from tests.usagegen import make_rows, write_log
+
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    odd = [("x,y", '{"team": 5}'), ("a=b|c", '{"team": {"nested": [1]}}'),
+           ("%2C", '{"team": "o\'brien \\"q\\""}')]
+    rows = [dataclasses.replace(row, ts=now, customer=customer, tags=tags, priced=1,
+                                cost_usd=0.25, outcome="ok", key_name="team-a")
+            for row, (customer, tags) in zip(make_rows(3), odd, strict=True)]
+    write_log(tmp_path / "usage.db", rows)
+    s = stack_with(tmp_path, budgets=[
+        {"scope": {"customer": "*"}, "period": "day", "limit_usd": 1},
+        {"scope": {"tag:team": "*"}, "period": "day", "limit_usd": 1}])
+    try:
+        status = s.call(s.runtime.budgets.status())
+        spent = {r["scope"]: r["spent_usd"] for r in status}
+        assert spent["customer=x%2Cy"] == spent["customer=a%3Db%7Cc"] == Decimal("0.25")
+        assert spent["customer=%252C"] == Decimal("0.25")
+        assert spent["tag:team=5"] == Decimal("0.25")
+        reply = http("POST", s.base() + "/chat/completions", chat_body(max_tokens=10),
+                     {**auth(), "X-Meter-Customer": "x,y"})
+        assert reply.status_code == 200
+    finally:
+        s.close()
