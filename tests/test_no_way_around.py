@@ -43,7 +43,7 @@ from tests.conftest import (
     http,
     sha,
 )
-from tests.scale import REDIS_URL, redis_prefix
+from tests.scale import redis_prefix, redis_url
 
 ADMIN_KEY = "admin-secret-for-no-way-around"
 ADMIN_ENV = "METERPROXY_TEST_ADMIN_KEY_NWA"
@@ -546,7 +546,7 @@ def test_cancelled_reserve_leaves_no_redis_hold() -> None:
                                          "budgets": [{"period": "day", "limit_usd": 5}]}]},
                               "test")
     with redis_prefix() as prefix:
-        asyncio.run(_cancel_everywhere(settings, f"{REDIS_URL}?prefix={prefix}"))
+        asyncio.run(_cancel_everywhere(settings, f"{redis_url()}?prefix={prefix}"))
 
 
 async def _cancel_everywhere(settings: Any, url: str) -> None:
