@@ -119,7 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="validate the tables; --unpriced lists unpriced models seen")
     p.add_argument("--unpriced", action="store_true",
                    help="also list models in the usage log that had no price")
+    p.add_argument("--coverage", action="store_true",
+                   help="fail for a model genai-prices prices that the tables lack "
+                        "(and EXCEPTIONS.md does not list)")
     p.set_defaults(run=cmd_pricing_check)
+    p = pricing.add_parser("sync", parents=[common],
+                           help="add the models and price periods the tables lack")
+    p.add_argument("--from", dest="source", choices=("genai-prices",), required=True)
+    p.add_argument("--provider", help="only this table (or genai-prices provider id)")
+    p.add_argument("--dry-run", action="store_true", help="report, write nothing")
+    p.add_argument("--into", help="write into this overlay directory (default: pricing.dir "
+                                  "if set, else the bundled tables)")
+    p.set_defaults(run=cmd_pricing_sync)
     p = pricing.add_parser("diff", parents=[common],
                            help="compare the tables with another price database")
     p.add_argument("--against", choices=("genai-prices",), default="genai-prices")
@@ -410,10 +421,18 @@ def cmd_pricing_check(args: argparse.Namespace) -> int:
     from proxy.pricing_check import check
 
     settings = load_settings(args.config)
-    problems = check(settings.pricing.dir)
+    problems = check() + (check(settings.pricing.dir) if settings.pricing.dir else [])
     for problem in problems:
         print(f"error: {problem}")
     book = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    if args.coverage:
+        from proxy.pricing.sync import coverage_gaps
+
+        gaps = coverage_gaps(book, _exceptions())
+        for gap in gaps:
+            print(f"error: {gap}: priced by genai-prices, missing here and not in "
+                  "EXCEPTIONS.md (run `meterproxy pricing sync --from genai-prices`)")
+        problems += gaps
     models = sum(1 for _ in book.models())
     print(f"{len(book.tables)} tables, {models} models, version {book.digest}: "
           f"{len(problems)} problem(s)")
@@ -428,9 +447,33 @@ def cmd_pricing_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def cmd_pricing_diff(args: argparse.Namespace) -> int:
+def _exceptions() -> dict[str, str]:
     from proxy.pricing import bundled_tables_dir
-    from proxy.pricing_check import diff_against_genai_prices, parse_exceptions
+    from proxy.pricing_check import parse_exceptions
+
+    exceptions_file = bundled_tables_dir() / "EXCEPTIONS.md"
+    return parse_exceptions(exceptions_file.read_text()) if exceptions_file.exists() else {}
+
+
+def cmd_pricing_sync(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.pricing.sync import sync, write
+
+    settings = load_settings(args.config)
+    book = PriceBook.load(settings.pricing.dir)
+    report = sync(book, provider=args.provider)
+    for line in report.lines():
+        print(line)
+    if not args.dry_run:
+        into = args.into or settings.pricing.dir
+        for path in write(report, Path(into) if into else None):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_pricing_diff(args: argparse.Namespace) -> int:
+    from proxy.pricing_check import diff_against_genai_prices
 
     settings = load_settings(args.config)
     try:
@@ -440,8 +483,7 @@ def cmd_pricing_diff(args: argparse.Namespace) -> int:
         print("meterproxy: pricing diff needs the genai-prices package "
               "(pip install genai-prices)", file=sys.stderr)
         return 2
-    exceptions_file = bundled_tables_dir() / "EXCEPTIONS.md"
-    kept = parse_exceptions(exceptions_file.read_text()) if exceptions_file.exists() else {}
+    kept = _exceptions()
     unlisted = [d for d in found if d.key not in kept]
     for d in found:
         if d.key not in kept:
