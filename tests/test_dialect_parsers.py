@@ -306,3 +306,62 @@ def test_registry_declares_every_dialect_once() -> None:
     assert {"default", "standard"} <= standard_tiers() and "flex" not in standard_tiers()
     for name in registry():
         assert callable(importlib.import_module(f"proxy.simulator.{name}").add_routes)
+
+
+def test_anthropic_iterations_are_summed_and_advisor_steps_kept_apart() -> None:
+    """With iterations the top level counts only `message` steps: compaction steps are
+    added, advisor steps kept for their own model (pydantic-ai cassettes' usage bodies)."""
+    from proxy.dialects.anthropic import usage
+
+    compaction = {"input_tokens": 229, "output_tokens": 5, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0, "iterations": [
+                      {"type": "compaction", "input_tokens": 100, "output_tokens": 131,
+                       "cache_creation_input_tokens": 55096, "cache_read_input_tokens": 0},
+                      {"type": "message", "input_tokens": 229, "output_tokens": 5,
+                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}]}
+    got = usage(compaction)
+    assert (got.input_tokens, got.cache_write_tokens, got.output_tokens) == (329, 55096, 136)
+    advisor = {"input_tokens": 2390, "output_tokens": 121,
+               "output_tokens_details": {"thinking_tokens": 28}, "iterations": [
+                   {"type": "message", "input_tokens": 1128, "output_tokens": 110},
+                   {"type": "advisor_message", "model": "claude-opus-4-8",
+                    "input_tokens": 2518, "output_tokens": 22},
+                   {"type": "message", "input_tokens": 1262, "output_tokens": 11}]}
+    got = usage(advisor)
+    assert (got.input_tokens, got.output_tokens, got.reasoning_tokens) == (2390, 121, 28)
+    assert [(m, u.input_tokens, u.output_tokens) for m, u in got.nested] == \
+        [("claude-opus-4-8", 2518, 22)]
+
+
+def test_openai_cache_writes_by_ttl_and_modalities() -> None:
+    """Responses usage with cache writes split by TTL (30m / 12h) and image input."""
+    from proxy.dialects.openai import _usage
+
+    got = _usage("responses", {
+        "input_tokens": 5000, "output_tokens": 40,
+        "input_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 3000,
+                                 "image_tokens": 200,
+                                 "cache_write_tokens_details": {"ttl_30m_tokens": 1000,
+                                                                "ttl_12h_tokens": 2000}},
+        "output_tokens_details": {"reasoning_tokens": 10}}, "flex")
+    assert (got.input_tokens, got.image_input_tokens, got.cached_input_tokens) == (1000, 200, 1000)
+    assert (got.cache_write_tokens, got.cache_write_30m_tokens,
+            got.cache_write_12h_tokens) == (3000, 1000, 2000)
+    assert (got.output_tokens, got.reasoning_tokens, got.service_tier) == (40, 10, "flex")
+
+
+def test_gemini_modalities_split_cached_and_uncached() -> None:
+    """Cached audio is its own class; uncached audio is the prompt's audio less the
+    cached audio (usageMetadata details per modality)."""
+    from proxy.dialects.gemini import usage
+
+    got = usage({"promptTokenCount": 1000, "cachedContentTokenCount": 600,
+                 "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 500},
+                                         {"modality": "AUDIO", "tokenCount": 500}],
+                 "cacheTokensDetails": [{"modality": "TEXT", "tokenCount": 200},
+                                        {"modality": "AUDIO", "tokenCount": 400}],
+                 "candidatesTokenCount": 30,
+                 "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 20}]})
+    assert (got.input_tokens, got.audio_input_tokens) == (400, 100)
+    assert (got.cached_input_tokens, got.cached_audio_input_tokens) == (600, 400)
+    assert (got.output_tokens, got.image_output_tokens) == (30, 20)

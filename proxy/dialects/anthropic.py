@@ -199,8 +199,32 @@ def usage(u: dict[str, Any], output: bool = True) -> Usage:
     """Normalise an Anthropic usage object (input excludes cache reads and writes).
 
     `cache_creation` splits the writes by lifetime; without it every write is 5-minute.
-    With `output=False` only the input side is read (a stream that has not ended).
+    With `iterations` (context compaction, the advisor tool) the top level counts only the
+    `message` steps: the billed usage is every step's, and `advisor_message` steps are
+    another model's, kept in `nested` to be priced at that model's rate. With
+    `output=False` only the input side is read (a stream that has not ended).
     """
+    steps = [i for i in u.get("iterations") or () if isinstance(i, dict)] if output else []
+    own = [i for i in steps if not (i.get("type") == "advisor_message" and i.get("model"))]
+    result = _counts(own[0], output) if own else _counts(u, output)
+    for step in own[1:]:
+        for column, n in _counts(step, output).counts().items():
+            setattr(result, column, getattr(result, column) + n)
+    result.service_tier = _str(u.get("service_tier"))
+    result.speed = _str(u.get("speed"))
+    if output:
+        if steps:  # the top level's thinking count covers its message steps only
+            result.reasoning_tokens = count(sub(u, "output_tokens_details").get(
+                "thinking_tokens"))
+        result.reasoning_tokens = min(result.reasoning_tokens, result.output_tokens)
+        result.web_search_requests = count(sub(u, "server_tool_use").get("web_search_requests"))
+        result.nested = [(step["model"], _counts(step, output)) for step in steps
+                         if step not in own]
+    return result
+
+
+def _counts(u: dict[str, Any], output: bool) -> Usage:
+    """One step's token counts (the whole call's when it reports no iterations)."""
     split = sub(u, "cache_creation")
     write_1h = count(split.get("ephemeral_1h_input_tokens"))
     if u.get("cache_creation_input_tokens") is not None:
@@ -212,13 +236,10 @@ def usage(u: dict[str, Any], output: bool = True) -> Usage:
         cached_input_tokens=count(u.get("cache_read_input_tokens")),
         cache_write_tokens=written,
         cache_write_1h_tokens=min(write_1h, written),
-        service_tier=_str(u.get("service_tier")),
     )
     if output:
         result.output_tokens = count(u.get("output_tokens"))
-        result.reasoning_tokens = min(
-            count(sub(u, "output_tokens_details").get("thinking_tokens")), result.output_tokens)
-        result.web_search_requests = count(sub(u, "server_tool_use").get("web_search_requests"))
+        result.reasoning_tokens = count(sub(u, "output_tokens_details").get("thinking_tokens"))
     return result
 
 

@@ -319,22 +319,33 @@ def usage(meta: dict[str, Any], output: bool = True) -> Usage:
     """Normalise usageMetadata: the prompt count includes the cached tokens, tool-use
     prompt tokens are input, and thinking tokens are output beside the candidates'.
 
-    With `output=False` only the input side is read (a stream that has not finished).
+    Modalities come from `promptTokensDetails` (the whole prompt, cached part included)
+    less `cacheTokensDetails` (the cached part), and `candidatesTokensDetails`. With
+    `output=False` only the input side is read (a stream that has not finished).
     """
     prompt = count(meta.get("promptTokenCount"))
     cached = min(count(meta.get("cachedContentTokenCount")), prompt)
-    audio_in = max(_modality(meta.get("promptTokensDetails"), "AUDIO")
-                   - _modality(meta.get("cacheTokensDetails"), "AUDIO"), 0)
+    uncached = prompt - cached + count(meta.get("toolUsePromptTokenCount"))
+    prompt_parts, cache_parts = meta.get("promptTokensDetails"), meta.get("cacheTokensDetails")
+
+    def uncached_part(modality: str) -> int:
+        return min(max(_modality(prompt_parts, modality) - _modality(cache_parts, modality),
+                       0), uncached)
+
     result = Usage(
-        input_tokens=prompt - cached + count(meta.get("toolUsePromptTokenCount")),
+        input_tokens=uncached,
+        audio_input_tokens=uncached_part("AUDIO"),
+        image_input_tokens=uncached_part("IMAGE"),
+        video_input_tokens=uncached_part("VIDEO"),
         cached_input_tokens=cached,
-        audio_input_tokens=audio_in,
+        cached_audio_input_tokens=min(_modality(cache_parts, "AUDIO"), cached),
     )
     if output:
         thoughts = count(meta.get("thoughtsTokenCount"))
         result.output_tokens = count(meta.get("candidatesTokenCount")) + thoughts
         result.reasoning_tokens = thoughts
         result.audio_output_tokens = _modality(meta.get("candidatesTokensDetails"), "AUDIO")
+        result.image_output_tokens = _modality(meta.get("candidatesTokensDetails"), "IMAGE")
     return result
 
 

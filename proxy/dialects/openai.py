@@ -330,7 +330,11 @@ class _StreamMeter:
 
 
 def _usage(endpoint: str, u: dict, service_tier: Any) -> Usage:
-    """Normalise an OpenAI usage object: prompt totals include cached and written tokens."""
+    """Normalise an OpenAI usage object: prompt totals include cached and written tokens.
+
+    Cache writes may be split by TTL (`cache_write_tokens_details.ttl_30m_tokens` /
+    `ttl_12h_tokens`); the service tier is the one the response says served the call.
+    """
     if endpoint == "responses" or "input_tokens" in u:
         total_in, out = count(u.get("input_tokens")), count(u.get("output_tokens"))
         in_details, out_details = sub(u, "input_tokens_details"), sub(u, "output_tokens_details")
@@ -342,14 +346,21 @@ def _usage(endpoint: str, u: dict, service_tier: Any) -> Usage:
     if "cached_tokens" not in in_details:  # DeepSeek names its cache hits apart
         cached = count(u.get("prompt_cache_hit_tokens"))
     written = count(in_details.get("cache_write_tokens"))
+    ttl = sub(in_details, "cache_write_tokens_details")
+    write_12h = min(count(ttl.get("ttl_12h_tokens")), written)
+    uncached = max(total_in - cached - written, 0)
     return Usage(
-        input_tokens=max(total_in - cached - written, 0),
+        input_tokens=uncached,
+        audio_input_tokens=min(count(in_details.get("audio_tokens")), uncached),
+        image_input_tokens=min(count(in_details.get("image_tokens")), uncached),
         cached_input_tokens=cached,
         cache_write_tokens=written,
+        cache_write_12h_tokens=write_12h,
+        cache_write_30m_tokens=min(count(ttl.get("ttl_30m_tokens")), written - write_12h),
         output_tokens=out,
         reasoning_tokens=count(out_details.get("reasoning_tokens")),
-        audio_input_tokens=count(in_details.get("audio_tokens")),
         audio_output_tokens=count(out_details.get("audio_tokens")),
+        image_output_tokens=count(out_details.get("image_tokens")),
         service_tier=_str(service_tier),
     )
 

@@ -56,9 +56,21 @@ def price(rt: Runtime, x: Exchange) -> None:
                         response_model=response_model)
         return
     result = cost(x.usage, found, x.started)
-    x.cost = rounded(result.total)
+    total, breakdown = result.total, result.breakdown
+    # Steps another model ran inside the call (Anthropic's advisor), at that model's rate.
+    for model, usage in x.usage.nested:
+        inner = rt.prices.lookup(x.upstream.pricing_table, (model,), x.started)
+        if inner is None:
+            breakdown.setdefault("missing_rates", []).append(f"model {model}")
+            continue
+        part = cost(usage, inner, x.started)
+        total += part.total
+        breakdown.setdefault("nested", []).append(
+            {"model": inner.model.name, "pricing_version": inner.version,
+             "usd": str(part.total), **part.breakdown})
+    x.cost = rounded(total)
     x.cost_breakdown = {"model": found.model.name, "period": found.period.effective_from
-                        .date().isoformat(), **result.breakdown}
+                        .date().isoformat(), **breakdown}
     x.pricing_version = found.version
 
 
