@@ -9,36 +9,23 @@ schema and checks that upgrading from it gives the schema a blank database gets.
 from __future__ import annotations
 
 # m002_views: Datasette-friendly views (plain sums, rounded for reading).
+M002_SPEND = ("count(*) AS calls,\n"
+              "        sum(input_tokens) AS input_tokens,\n"
+              "        sum(cached_input_tokens) AS cached_input_tokens,\n"
+              "        sum(cache_write_tokens) AS cache_write_tokens,\n"
+              "        sum(output_tokens) AS output_tokens,\n"
+              "        sum(reasoning_tokens) AS reasoning_tokens,\n"
+              "        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,\n"
+              "        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls")
 M002_VIEWS = (
-    "CREATE VIEW daily_spend AS\n        SELECT substr(ts, 1, 10) AS day, count(*) AS calls,\n"
-    "        sum(input_tokens) AS input_tokens,\n"
-    "        sum(cached_input_tokens) AS cached_input_tokens,\n"
-    "        sum(cache_write_tokens) AS cache_write_tokens,\n"
-    "        sum(output_tokens) AS output_tokens,\n"
-    "        sum(reasoning_tokens) AS reasoning_tokens,\n"
-    "        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,\n"
-    "        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls\n"
-    "        FROM usage GROUP BY 1 ORDER BY 1",
+    "CREATE VIEW daily_spend AS\n        SELECT substr(ts, 1, 10) AS day, " + M002_SPEND
+    + "\n        FROM usage GROUP BY 1 ORDER BY 1",
     "CREATE VIEW spend_by_customer AS\n"
-    "            SELECT substr(ts, 1, 7) AS month, customer, count(*) AS calls,\n"
-    "        sum(input_tokens) AS input_tokens,\n"
-    "        sum(cached_input_tokens) AS cached_input_tokens,\n"
-    "        sum(cache_write_tokens) AS cache_write_tokens,\n"
-    "        sum(output_tokens) AS output_tokens,\n"
-    "        sum(reasoning_tokens) AS reasoning_tokens,\n"
-    "        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,\n"
-    "        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls\n"
-    "            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC",
+    "            SELECT substr(ts, 1, 7) AS month, customer, " + M002_SPEND
+    + "\n            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC",
     "CREATE VIEW spend_by_feature AS\n"
-    "            SELECT substr(ts, 1, 7) AS month, feature, count(*) AS calls,\n"
-    "        sum(input_tokens) AS input_tokens,\n"
-    "        sum(cached_input_tokens) AS cached_input_tokens,\n"
-    "        sum(cache_write_tokens) AS cache_write_tokens,\n"
-    "        sum(output_tokens) AS output_tokens,\n"
-    "        sum(reasoning_tokens) AS reasoning_tokens,\n"
-    "        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,\n"
-    "        sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END) AS unpriced_calls\n"
-    "            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC",
+    "            SELECT substr(ts, 1, 7) AS month, feature, " + M002_SPEND
+    + "\n            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC",
 )
 
 # m003_query_indexes: the covered columns of spend by customer, feature or model. SQLite
