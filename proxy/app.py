@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy import admin
 from proxy.config import Settings
 from proxy.keys import APP_SERVER
+from proxy.listener import GuardedSite, quiet_accept_errors
 from proxy.pipeline import handle
 from proxy.server import Server
 
@@ -27,8 +28,12 @@ log = structlog.get_logger("meterproxy")
 def create_app(settings: Settings, *,
                clock: Callable[[], datetime] | None = None) -> web.Application:
     """A ready-to-run application for these settings."""
-    max_body = int(settings.server.max_body_mb * 1024 * 1024)
-    app = web.Application(client_max_size=max_body)
+    server = settings.server
+    # Bodies stay as sent (we decode our own copy); an idle connection, or one that has
+    # not finished its request headers, closes after header_timeout_s.
+    app = web.Application(client_max_size=int(server.max_body_mb * 1024 * 1024),
+                          handler_args={"auto_decompress": False,
+                                        "keepalive_timeout": server.header_timeout_s})
     app.cleanup_ctx.append(_server_ctx(settings, clock))
     admin.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)
@@ -56,8 +61,10 @@ async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Even
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.server.grace_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
+    site = GuardedSite(runner, host, port, max_connections=settings.server.max_connections,
+                       reuse_address=True, reuse_port=reuse_port or None)
     await site.start()
+    quiet_accept_errors(asyncio.get_running_loop())
     log.info("listening", url=f"http://{host}:{port}")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -68,6 +68,10 @@ class ServerConfig:
     grace_s: float = 30
     # The HTTP status of a budget refusal: 429, or 402/403 for clients that retry every 429.
     refusal_status: int = 429
+    header_timeout_s: float = 15
+    body_timeout_s: float = 60
+    max_connections: int = 1000
+    estimate_bytes_above_kb: int = 256
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,10 @@ def _validate(s: Settings) -> None:
         fail("server.max_body_mb", "must be positive")
     if s.server.refusal_status not in REFUSAL_STATUSES:
         fail("server.refusal_status", f"must be 429, 402 or 403, not {s.server.refusal_status!r}")
+    for name in ("header_timeout_s", "body_timeout_s", "max_connections",
+                 "estimate_bytes_above_kb"):
+        if getattr(s.server, name) <= 0:
+            fail(f"server.{name}", "must be positive")
     for name, p in s.providers.items():
         if p.dialect not in registry():
             fail(f"providers.{name}.dialect", f"must be one of {', '.join(registry())}, "

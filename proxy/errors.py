@@ -15,6 +15,7 @@ class Kind(Enum):
     PERMISSION = "permission"
     NOT_FOUND = "not_found"
     TOO_LARGE = "too_large"
+    REQUEST_TIMEOUT = "request_timeout"
     BUDGET_EXCEEDED = "budget_exceeded"
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
@@ -28,6 +29,7 @@ STATUS = {
     Kind.PERMISSION: 403,
     Kind.NOT_FOUND: 404,
     Kind.TOO_LARGE: 413,
+    Kind.REQUEST_TIMEOUT: 408,
     Kind.BUDGET_EXCEEDED: 429,
     Kind.UPSTREAM_UNREACHABLE: 502,
     Kind.UPSTREAM_TIMEOUT: 504,

@@ -48,6 +48,7 @@ class Exchange:
     path: str = "/"
     # read_body / inspect
     body: bytes = b""
+    encoded: bytes | None = None  # the body as sent, when it came with a Content-Encoding
     payload: Any = None
     call: Call = field(default_factory=lambda: Call(endpoint="unknown"))
     # authenticate

@@ -44,3 +44,24 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.WriteLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=True,
     )
+
+
+class Sampled:
+    """At most one line per name and interval, saying how many were held back.
+
+    For what a stranger can make us log at will (bad keys, probes, a failing accept()):
+    a flood of requests must not become a flood of log lines."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def due(self, name: str, now: float) -> int | None:
+        """None while the interval runs; else how many lines were held back since the last."""
+        last = self._last.get(name)
+        if last is not None and now - last < self.interval_s:
+            self._held[name] = self._held.get(name, 0) + 1
+            return None
+        self._last[name] = now
+        return self._held.pop(name, 0)

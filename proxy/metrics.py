@@ -11,6 +11,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
+from proxy.logs import Sampled
 from proxy.storage.row import UsageRow
 from proxy.token_classes import BY_COLUMN, TOKEN_COLUMNS, UNIT_COLUMNS, label
 
@@ -45,6 +46,8 @@ class Metrics:
         self.unpriced: defaultdict[Labels, int] = defaultdict(int)
         self.duration: defaultdict[Labels, Histogram] = defaultdict(Histogram)
         self.ttfb: defaultdict[Labels, Histogram] = defaultdict(Histogram)
+        self.refused: defaultdict[Labels, int] = defaultdict(int)
+        self.refused_log = Sampled()  # a stranger's requests are counted, logged sampled
         self.gauges: list[Callable[[], Iterable[str]]] = []
 
     def observe(self, row: UsageRow) -> None:
@@ -80,6 +83,9 @@ class Metrics:
         _counter(out, "meterproxy_cost_usd_total", "Cost in USD of priced calls.", self.cost)
         _counter(out, "meterproxy_unpriced_calls_total", "Calls to models with no price.",
                  self.unpriced)
+        _counter(out, "meterproxy_refused_total",
+                 "Requests refused before any key was known (no usage row), by status.",
+                 self.refused)
         _histogram(out, "meterproxy_duration_ms", "Call duration in milliseconds.",
                    self.duration)
         _histogram(out, "meterproxy_ttfb_ms", "Time to the provider's first byte (ms).",

@@ -1,7 +1,10 @@
 """One call through the proxy: the named stages, in order.
 
-    route -> read_body -> authenticate -> attribute -> inspect -> authorize -> reserve
+    route -> authenticate -> attribute -> read_body -> inspect -> authorize -> reserve
           -> forward -> relay (metering on the side) -> price -> record
+
+Everything before read_body looks at the request line and headers only: a stranger's body
+is never read.
 
 Request-side stages may end the call with a MeterError, which becomes the provider's own
 error shape here and nowhere else. `record` runs in `finally`: one row per call, always.
@@ -21,7 +24,7 @@ from proxy.exchange import Exchange
 from proxy.keys import runtime_of
 from proxy.outcome import Outcome
 from proxy.stages.attribute import attribute, keep_readable
-from proxy.stages.authenticate import authenticate, authorize
+from proxy.stages.authenticate import authenticate, authorize, recognise
 from proxy.stages.forward import forward
 from proxy.stages.record import price, record
 from proxy.stages.relay import relay
@@ -36,15 +39,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
     x = Exchange.begin(request, rt.clock() if rt.clock is not None else None)
     try:
         route(rt, x)
-        await read_body(rt, x)
         authenticate(rt, x)
         attribute(x)
+        await read_body(rt, x)
         inspect(x)
         authorize(x)
         await reserve(rt, x)
         upstream = await forward(rt.session, x)
         return await relay(x, upstream, lambda ex: price(rt, ex))
     except MeterError as err:
+        if x.key_name is None:
+            recognise(rt, x)
         return refuse(x, err)
     except asyncio.CancelledError:
         x.outcome, x.error = Outcome.CLIENT_DISCONNECT, x.error or "client went away"

@@ -24,6 +24,7 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.config import load_settings
 from proxy.keys import APP_SERVER
+from proxy.listener import GuardedSite
 from proxy.logs import configure
 from proxy.runtime import Runtime
 from proxy.server import Server
@@ -118,7 +119,8 @@ class Stack:
         self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
                                     shutdown_timeout=5)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        await GuardedSite(self.runner, "127.0.0.1", self.port,
+                          max_connections=self.settings.server.max_connections).start()
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.config = config

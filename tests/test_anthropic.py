@@ -202,8 +202,7 @@ def test_unknown_key_is_401_in_anthropic_shape(stack: Stack) -> None:
     assert err.value.body["type"] == "error"
     assert err.value.body["error"]["type"] == "authentication_error"
     assert len(stack.sim.received) == received
-    row = stack.rows(before + 1)[-1]
-    assert (row["status"], row["outcome"], row["provider"]) == (401, "rejected", "anthropic")
+    assert len(stack.rows()) == before  # no row for a stranger: counted in /metrics
 
 
 def test_model_allowlist_is_403_in_anthropic_shape(stack: Stack) -> None:

@@ -38,6 +38,7 @@ _ERRORS = {
     Kind.PERMISSION: "permission_error",
     Kind.NOT_FOUND: "not_found_error",
     Kind.TOO_LARGE: "request_too_large",
+    Kind.REQUEST_TIMEOUT: "invalid_request_error",
     Kind.BUDGET_EXCEEDED: "budget_exceeded",
     Kind.UPSTREAM_UNREACHABLE: "api_error",
     Kind.UPSTREAM_TIMEOUT: "timeout_error",  # the SDK's type for a gateway timeout

@@ -59,6 +59,7 @@ _ERRORS = {
     Kind.PERMISSION: ("permission_error", "permission_denied"),
     Kind.NOT_FOUND: ("invalid_request_error", "not_found"),
     Kind.TOO_LARGE: ("invalid_request_error", "request_too_large"),
+    Kind.REQUEST_TIMEOUT: ("invalid_request_error", "request_timeout"),
     Kind.BUDGET_EXCEEDED: ("budget_exceeded", "budget_exceeded"),
     Kind.UPSTREAM_UNREACHABLE: ("server_error", "upstream_unreachable"),
     Kind.UPSTREAM_TIMEOUT: ("timeout", "upstream_timeout"),
@@ -82,10 +83,12 @@ class OpenAIDialect:
                     endpoint = name
                     break
         body = payload if isinstance(payload, dict) else {}
-        model = body.get("model")
+        # Azure serves the deployment its path names whatever the body's `model` says, so
+        # the path wins (the key's models: allow-list must check what will answer).
+        found = _DEPLOYMENT.search(path)
+        model = found.group(1) if found else body.get("model")
         if not isinstance(model, str):
-            found = _DEPLOYMENT.search(path)  # Azure names the deployment in the path
-            model = found.group(1) if found else None
+            model = None
         if endpoint == "responses" and body.get("background") is True:
             # The answer is fetched later; its usage is not read there yet.
             return Call(endpoint="responses.background", model=model,

@@ -1,10 +1,10 @@
 """attribute: who and what a call is for, from X-Meter-* headers and peers' headers.
 
 Customer, feature, trace id and free-form tags come from our headers; users moving from
-Helicone, Portkey or Cloudflare AI Gateway keep theirs. Every attribution header is
-stripped before forwarding. Invalid values are a 400, never a silent drop. What a key's
-config sets (tags, customer, feature) wins: a header that contradicts it is a 400, and
-`keys[].customers` limits which customers a key may name. Anything else is asserted by
+Helicone, Portkey or Cloudflare AI Gateway keep theirs. None of these headers is forwarded
+(`proxy.headers.strip` leaves them out). Invalid values are a 400, never a silent drop. What
+a key's config sets (tags, customer, feature) wins: a header that contradicts it is a 400,
+and `keys[].customers` limits which customers a key may name. Anything else is asserted by
 the client, and budgets on it are only as strong as that assertion.
 """
 
@@ -29,35 +29,27 @@ _COLUMNS = {"x-meter-customer": "customer", "x-meter-feature": "feature",
 
 
 def attribute(x: Exchange) -> None:
-    """Fill customer, feature, trace_id and tags; remove the headers they came from."""
+    """Fill customer, feature, trace_id and tags from the client's headers."""
     ours: dict[str, str] = {}
     theirs: dict[str, str] = {}
-    strip: list[str] = []
-    for name, value in x.headers.items():
+    for name, value in x.request.headers.items():
         lower = name.lower()
         if not lower.startswith(_ANY_PREFIX):
             continue
         if lower in _COLUMNS:
             setattr(x, _COLUMNS[lower], _value(value, name))
-            strip.append(name)
         elif lower.startswith(_TAG_PREFIX):
             ours[_tag_name(lower[len(_TAG_PREFIX):], name)] = _value(value, name)
-            strip.append(name)
         elif lower.startswith("x-meter-"):
             raise MeterError(Kind.INVALID_REQUEST, f"unknown meterproxy header {name}")
         elif lower.startswith(_HELICONE_PREFIX):
             theirs[_tag_name(lower[len(_HELICONE_PREFIX):], name)] = _value(value, name)
-            strip.append(name)
         elif lower == "helicone-user-id":
             theirs["user"] = _value(value, name)
-            strip.append(name)
         elif lower in ("x-portkey-metadata", "cf-aig-metadata"):
             for key, item in _json_object(value, name).items():
                 tag = "user" if key == "_user" and lower == "x-portkey-metadata" else key
                 theirs[_tag_name(tag.lower(), name)] = _value(_text(item), name)
-            strip.append(name)
-    for name in strip:
-        x.headers.popall(name, None)
     if x.trace_id is None:  # the caller's W3C trace (forwarded upstream unchanged)
         x.trace_id = trace_id_of(x.headers.get("traceparent"))
     tags = {**theirs, **ours}

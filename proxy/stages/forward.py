@@ -16,6 +16,11 @@ async def forward(session: aiohttp.ClientSession, x: Exchange) -> aiohttp.Client
     assert x.upstream is not None
     upstream = x.upstream
     body = x.dialect.edit_body(x.call, x.payload, x.body) if x.call.metered else x.body
+    if x.encoded is not None:
+        if body is x.body:
+            body = x.encoded  # untouched: on it goes in the encoding it was sent in
+        else:
+            x.headers.popall("Content-Encoding", None)  # our edit went into the plain copy
     query = x.request.raw_path.partition("?")[2]
     if x.query != x.request.query:  # the dialect moved a key out of the query string
         query = urlencode(list(x.query.items()))

@@ -7,6 +7,7 @@ counted with tiktoken off the event loop, then the row is written.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from decimal import Decimal
 
@@ -75,16 +76,32 @@ def price(rt: Runtime, x: Exchange) -> None:
 
 
 def record(rt: Runtime, x: Exchange) -> None:
-    """Write the call's one row now, or after its tokens are counted."""
+    """Write the call's one row now, or after its tokens are counted.
+
+    Rows are for calls of known keys: a request refused before any key was known (a
+    probe, a wrong key) is counted in /metrics and logged, sampled, but never a row."""
     if x.recorded:
         return
     x.recorded = True
+    if x.key_name is None:
+        _refused_stranger(rt, x)
+        return
     duration = x.elapsed_ms()
     price(rt, x)
     if x.cost is None and x.priced:
         rt.spawn(_estimate_then_write(rt, x, duration))
     else:
         _write(rt, x, duration)
+
+
+def _refused_stranger(rt: Runtime, x: Exchange) -> None:
+    status = str(x.status or 0)
+    rt.metrics.refused[(("status", status),)] += 1
+    held = rt.metrics.refused_log.due(f"refused:{status}", time.monotonic())
+    if held is not None:
+        log.warning("refused_without_key", request_id=x.id, status=x.status, error=x.error,
+                    method=x.request.method, path=x.request.path[:200],
+                    peer=x.request.remote, similar_since_last=held)
 
 
 def _needs_estimate(x: Exchange) -> bool:

@@ -13,24 +13,23 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy import headers as hop
 from proxy.dialects.base import Metered
 from proxy.errors import Kind, MeterError
 from proxy.exchange import Exchange
 from proxy.outcome import Outcome
-from proxy.stages.authenticate import HOP_BY_HOP
 
 BUFFER_LIMIT = 32 * 1024 * 1024
 TAIL_KEEP = 256 * 1024
-_DROP = HOP_BY_HOP | {"content-encoding"}
 # How a response that had begun can break off on the upstream side.
 _UPSTREAM_BROKE = (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
 
 
 def response_headers(upstream: aiohttp.ClientResponse, x: Exchange) -> CIMultiDict[str]:
-    """The provider's headers, repeated ones (Set-Cookie) included, less hop-by-hop ones."""
-    headers = CIMultiDict(
-        (name, value) for name, value in upstream.headers.items()
-        if name.lower() not in _DROP)
+    """The provider's headers, repeated ones (Set-Cookie) included, less hop-by-hop ones.
+
+    The body reaches us decoded, so its Content-Encoding no longer applies."""
+    headers = hop.strip(upstream.headers, toward_provider=False, drop=("content-encoding",))
     headers["X-Meter-Request-Id"] = x.id
     if x.budget_remaining is not None:
         headers["X-Meter-Budget-Remaining-USD"] = format(x.budget_remaining, "f")
