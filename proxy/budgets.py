@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("meterproxy.budgets")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Prompts longer than this are counted in a thread so the event loop keeps moving.
-INLINE_COUNT_BYTES = 64 * 1024
 # Held for context a provider keeps (previous_response_id) when the table has no window.
 DEFAULT_CONTEXT_WINDOW = 200_000
 
@@ -221,6 +220,7 @@ class Budgets:
         self.refusal_status = settings.server.refusal_status
         self.allow_unpriced = settings.pricing.unpriced is Unpriced.ALLOW
         self.alerts = alerts
+        self.count_bytes_up_to = settings.server.estimate_bytes_above_kb * 1024
 
     def applicable(self, attrs: dict[str, str | None], now: datetime
                    ) -> list[tuple[Budget, str, str, datetime | None]]:
@@ -317,12 +317,14 @@ class Budgets:
                 f"run under {usd_budget[0].describe(usd_budget[1])}; give it one in "
                 "pricing.overrides (or set pricing.unpriced: allow)", param="model",
                 code="model_unpriced")
-        texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
-        if len(x.body) > INLINE_COUNT_BYTES:
-            prompt = await tokens.off_loop(tokens.count_texts, texts, model)
+        if len(x.body) > self.count_bytes_up_to:
+            prompt = tokens.utf8_bound(x.body)  # tokenizing megabytes would hold others up
         else:
-            prompt = tokens.count_texts(texts, model)
-        prompt += overhead
+            try:
+                prompt = await tokens.off_loop(count_prompt, x.dialect, x.call, x.payload,
+                                               tenant=x.key_name or "")
+            except tokens.TooDeep as exc:
+                raise MeterError(Kind.INVALID_REQUEST, str(exc)) from None
         entry = self.prices.model(table, [model])
         if x.call.server_context:
             prompt += entry.context_window if entry and entry.context_window \
@@ -386,6 +388,13 @@ class Budgets:
         balances = await self.ledger.balances([key for _, _, key, _ in periods])
         for budget, scope, key, _ in periods:
             self.alerts.observe(budget, scope, key, balances[key], quiet=True)
+
+
+def count_prompt(dialect: Any, call: Any, payload: Any) -> int:
+    """The prompt's tokens with tiktoken (on the tokenizer pool; refuses deep nesting)."""
+    tokens.check_depth(payload)
+    texts, overhead = dialect.prompt_texts(call, payload)
+    return tokens.count_texts(texts, call.model) + overhead
 
 
 def current_periods(budgets: list[Budget], seen: Iterable[str], now: datetime

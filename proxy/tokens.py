@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import hashlib
 import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -121,18 +122,124 @@ def get_encoding(name: str) -> tiktoken.Encoding:
         return encoding
 
 
-# Counting runs on one thread of its own: each thread that runs the tokenizer grows its
-# own regex caches and malloc arena, tens of MB apiece, so more threads would only cost
-# memory (estimates are rare; budgets' prompt counts are short).
-# Made on first use, not at import.
-@cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokens")
+# Counting runs on a small pool of its own: each thread that runs the tokenizer grows its
+# own regex caches and malloc arena, tens of MB apiece, so two threads, not one per core.
+WORKERS = 2
+# Nesting deeper than this is refused before anything walks it (Python would stop near
+# 1000 frames with a RecursionError; no real prompt comes close).
+MAX_DEPTH = 100
 
 
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """Run a counting function on the tokenizer's thread, without blocking the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(_pool(), fn, *args)
+class TooDeep(ValueError):
+    """A request nested deeper than MAX_DEPTH."""
+
+
+class FairPool:
+    """Counting jobs run on WORKERS threads, taken round-robin by tenant (the key).
+
+    One tenant's queue of huge prompts delays another tenant by at most one job per
+    worker, never by the whole queue. Loop-agnostic: results go back to the caller's loop
+    with call_soon_threadsafe, so several event loops (tests) can share it."""
+
+    def __init__(self, workers: int = WORKERS) -> None:
+        self._queues: dict[str, deque[Callable[[], None]]] = {}
+        self._turns: deque[str] = deque()  # tenants with queued work, in turn order
+        self._ready = threading.Condition()
+        self._workers = workers
+        self._threads: list[threading.Thread] = []
+
+    async def run(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the caller as is
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+        with self._ready:
+            self._start_threads()
+            queue = self._queues.get(tenant)
+            if queue is None:
+                queue = self._queues[tenant] = deque()
+                self._turns.append(tenant)
+            queue.append(job)
+            self._ready.notify()
+        return await future
+
+    def _start_threads(self) -> None:
+        while len(self._threads) < self._workers:
+            thread = threading.Thread(target=self._work, daemon=True,
+                                      name=f"tokens-{len(self._threads)}")
+            self._threads.append(thread)
+            thread.start()
+
+    def _next(self) -> Callable[[], Any]:
+        with self._ready:
+            while not self._turns:
+                self._ready.wait()
+            tenant = self._turns.popleft()
+            queue = self._queues[tenant]
+            job = queue.popleft()
+            if queue:
+                self._turns.append(tenant)  # back of the line: others go first
+            else:
+                del self._queues[tenant]
+            return job
+
+    def _work(self) -> None:
+        while True:
+            self._next()()
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the caller gave up (client went away)
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+pool = FairPool()
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, tenant: str = "") -> T:
+    """Run a counting function on the tokenizer pool, in `tenant`'s turn."""
+    return await pool.run(tenant, fn, *args)
+
+
+def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise TooDeep if lists and objects nest deeper than `limit` (iterative: no stack)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise TooDeep(f"the request body nests deeper than {limit} levels")
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, dict | list))
+
+
+def utf8_bound(body: bytes) -> int:
+    """An upper bound on the tokens of any text in a JSON body of this size.
+
+    Every BPE token stands for at least one byte of UTF-8, and a JSON body is never
+    shorter than the UTF-8 of the strings it holds (escapes only lengthen them), so its
+    byte length bounds its prompt's tokens, per-message overheads included (each message
+    costs more bytes of JSON than its few overhead tokens). Typically 3-4x the real count:
+    safe for a budget hold, which the actual usage then replaces."""
+    return len(body)
 
 
 def count_text(text: str, model: str | None = None) -> int:

@@ -278,3 +278,86 @@ def test_accept_failures_are_logged_once_per_interval(tmp_path: Path) -> None:
     failures = [line for line in text.splitlines() if "accept" in line.lower()]
     assert 1 <= len(failures) <= 2, failures[:5]
     assert "Traceback" not in text
+
+
+@pytest.fixture(scope="module")
+def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("hostile-budgets"),
+              {"budgets": [{"scope": {"key": "*"}, "period": "day", "limit_usd": 1000}],
+               "server": {"estimate_bytes_above_kb": 64}})
+    yield s
+    s.close()
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b'"deep"' + b"]" * depth
+
+
+def test_deeply_nested_prompt_is_a_clear_400(budgeted: Stack) -> None:
+    """A prompt nested 990 deep (a RecursionError and a 500 before) is a 400 that says why."""
+    body = (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": '
+            + nested(990) + b"}]}")
+    reply = http("POST", budgeted.base() + "/chat/completions", body,
+                 {"Authorization": f"Bearer {VIRTUAL_KEY}", "Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.content[:300]
+    assert "nests deeper than 100 levels" in reply.json()["error"]["message"]
+
+
+def test_large_prompt_is_held_by_its_byte_length(budgeted: Stack) -> None:
+    """Above estimate_bytes_above_kb the hold is the body's byte length in input tokens,
+    an upper bound of the real count the provider then reports."""
+    text = "word " * 40_000  # 200 KB, over the 64 KB the stack counts
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 10,
+                       "messages": [{"role": "user", "content": text}]}).encode()
+    held = []
+    budgets = budgeted.runtime.budgets
+    original = budgets.estimate
+
+    async def spy(x, now):
+        result = await original(x, now)
+        held.append(result[1])
+        return result
+
+    budgets.estimate = spy
+    try:
+        reply = http("POST", budgeted.base() + "/chat/completions", body,
+                     {"Authorization": f"Bearer {VIRTUAL_KEY}",
+                      "Content-Type": "application/json"})
+    finally:
+        budgets.estimate = original
+    assert reply.status_code == 200
+    assert held == [len(body) + 10]
+    assert reply.json()["usage"]["prompt_tokens"] < len(body)
+
+
+def test_counting_takes_tenants_in_turn() -> None:
+    """One tenant's queue of counting jobs does not hold another's back: with the workers
+    busy and five jobs of tenant a queued, tenant b's job is next."""
+    import asyncio
+    import threading
+
+    from proxy.tokens import FairPool
+
+    pool = FairPool(workers=1)
+    started, gate = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def job(name: str) -> str:
+        if name == "a0":
+            started.set()
+            gate.wait(10)
+        order.append(name)
+        return name
+
+    async def main() -> list[str]:
+        first = asyncio.ensure_future(pool.run("a", job, "a0"))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        queued = [asyncio.ensure_future(pool.run("a", job, f"a{i}")) for i in range(1, 6)]
+        other = asyncio.ensure_future(pool.run("b", job, "b0"))
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(first, *queued, other)
+
+    results = asyncio.run(main())
+    assert sorted(results) == sorted(["a0", "a1", "a2", "a3", "a4", "a5", "b0"])
+    assert order[:3] == ["a0", "a1", "b0"]

@@ -116,7 +116,8 @@ def _needs_estimate(x: Exchange) -> bool:
 
 async def _estimate_then_write(rt: Runtime, x: Exchange, duration: float) -> None:
     try:
-        x.usage = await tokens.off_loop(estimate, x)
+        x.usage = await tokens.off_loop(estimate, x, rt.settings.server.estimate_bytes_above_kb
+                                        * 1024, tenant=x.key_name or "")
         # partial: the answer was cut short; estimated: it ended but no usage came.
         whole = x.outcome == Outcome.OK and x.status is not None and x.status < 400
         x.usage_source = UsageSource.ESTIMATED if whole else UsageSource.PARTIAL
@@ -132,17 +133,21 @@ async def _estimate_then_write(rt: Runtime, x: Exchange, duration: float) -> Non
         _write(rt, x, duration)
 
 
-def estimate(x: Exchange) -> Usage:
-    """Count the prompt and the output streamed so far with tiktoken (CPU, in a thread).
+def estimate(x: Exchange, count_up_to: int) -> Usage:
+    """Count the prompt and the output streamed so far with tiktoken (CPU, on the pool).
 
     Input counts the provider already reported in the stream are kept as they are: they
-    are exact, and they say which tokens were cache reads and writes.
+    are exact, and they say which tokens were cache reads and writes. A body larger than
+    `count_up_to` bytes is not tokenized: its byte length bounds its tokens.
     """
     model = x.call.model
     output = x.metered.text.count() if x.metered is not None else 0
     known = x.metered.prompt_usage if x.metered is not None else None
     if known is not None:
         return replace(known, output_tokens=output, **dict.fromkeys(PARTS["output_tokens"], 0))
+    if len(x.body) > count_up_to:
+        return Usage(input_tokens=tokens.utf8_bound(x.body), output_tokens=output)
+    tokens.check_depth(x.payload)
     texts, overhead = x.dialect.prompt_texts(x.call, x.payload)
     prompt = tokens.count_texts(texts, model) + overhead
     return Usage(input_tokens=prompt, output_tokens=output)
