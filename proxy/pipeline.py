@@ -26,7 +26,7 @@ from proxy.outcome import Outcome
 from proxy.stages.attribute import attribute, keep_readable
 from proxy.stages.authenticate import authenticate, authorize, recognise
 from proxy.stages.forward import forward
-from proxy.stages.record import price, record
+from proxy.stages.record import began, price, record
 from proxy.stages.relay import relay
 from proxy.stages.reserve import reserve
 from proxy.stages.route import inspect, read_body, route
@@ -45,6 +45,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         inspect(x)
         authorize(x)
         await reserve(rt, x)
+        began(rt, x)
         upstream = await forward(rt.session, x)
         return await relay(x, upstream, lambda ex: price(rt, ex))
     except MeterError as err:

@@ -19,7 +19,14 @@ from proxy.metrics import Metrics, gauge
 from proxy.reconcile.schedule import ReconcileSchedule
 from proxy.reconcile.schedule import interval as reconcile_interval
 from proxy.runtime import Runtime, Services, Tasks, build_runtime, rebuild_all
-from proxy.storage import LedgerUnavailable, LogUnavailable, open_ledger, open_usage_log
+from proxy.storage import (
+    LedgerUnavailable,
+    LogUnavailable,
+    journal,
+    journal_dir,
+    open_ledger,
+    open_usage_log,
+)
 from proxy.storage.ledger import Ledger
 from proxy.storage.writer import UsageWriter
 from proxy.telemetry import open_telemetry
@@ -52,11 +59,16 @@ class Server:
             return server is not None and server.current.known_model(provider, model)
 
         def open_storage() -> tuple[UsageWriter, Ledger]:
+            journal_at = journal_dir(storage.usage_log, storage.spool_dir)
+            orphans = journal.recover(journal_at)  # rows a kill -9 left behind
             writer = UsageWriter(open_usage_log(storage.usage_log, spool_dir=storage.spool_dir),
                                  interval_s=storage.flush_interval_ms / 1000,
                                  batch_rows=storage.batch_rows,
-                                 max_backlog=storage.max_backlog_rows)
+                                 max_backlog=storage.max_backlog_rows,
+                                 journal=journal.Journal(journal_at))
             writer.start()
+            for row in orphans:
+                writer.submit(row)
             return writer, open_ledger(storage.ledger, ledger_lost)
 
         writer, ledger = await loop.run_in_executor(None, open_storage)

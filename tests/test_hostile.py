@@ -6,7 +6,9 @@ from __future__ import annotations
 import gzip
 import json
 import resource
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -361,3 +363,59 @@ def test_counting_takes_tenants_in_turn() -> None:
     results = asyncio.run(main())
     assert sorted(results) == sorted(["a0", "a1", "a2", "a3", "a4", "a5", "b0"])
     assert order[:3] == ["a0", "a1", "b0"]
+
+
+def test_sigkill_loses_no_row_finished_or_in_flight(tmp_path: Path) -> None:
+    """`kill -9` of a real `meterproxy serve` with 10 answered calls still in the writer's
+    queue (a 60 s flush interval) and 3 streams mid-answer: after a restart the log holds
+    all 10 rows as they were and one `proxy_error` row for each cut stream."""
+    from proxy.simulator import Scenario
+    from tests.conftest import Served, sha
+
+    sim = Stack(tmp_path / "sim")
+    db = tmp_path / "killed.db"
+    config = {"storage": {"usage_log": f"sqlite:///{db}", "flush_interval_ms": 60_000},
+              "providers": {"openai": {"base_url": sim.sim_url}},
+              "keys": [{"name": "team-a", "key_sha256": sha(VIRTUAL_KEY)}]}
+    env = {"OPENAI_API_KEY": PROVIDER_KEY}
+    served = Served(tmp_path, config, env=env)
+    streams: list[HTTPConnection] = []
+    try:
+        client = openai.OpenAI(base_url=f"{served.url}/openai/v1", api_key=VIRTUAL_KEY,
+                               max_retries=0)
+        for i in range(10):
+            client.chat.completions.create(model="gpt-4o-mini",
+                                           messages=[{"role": "user", "content": f"q{i}"}])
+        sim.sim.then(Scenario(chunk_delay_s=1, repeat=3))
+        body = json.dumps({"model": "gpt-4o-mini", "stream": True,
+                           "messages": [{"role": "user", "content": "long"}]}).encode()
+        for _ in range(3):
+            conn = HTTPConnection("127.0.0.1", served.port, timeout=30)
+            conn.request("POST", CHAT, body=body, headers={
+                "Authorization": f"Bearer {VIRTUAL_KEY}", "Content-Type": "application/json"})
+            reply = conn.getresponse()
+            assert reply.status == 200 and reply.read1(64)  # the stream has begun
+            streams.append(conn)
+        served.proc.send_signal(signal.SIGKILL)
+        served.proc.wait(10)
+    finally:
+        served.kill()
+        for conn in streams:
+            conn.close()
+    killed_rows = sqlite3.connect(db).execute("SELECT count(*) FROM usage").fetchone()[0]
+    assert killed_rows == 0  # nothing was flushed: the journal must bring them all back
+    again = Served(tmp_path, config, env=env)
+    try:
+        assert again.stop() == 0  # a clean stop flushes what the start replayed
+    finally:
+        again.kill()
+        sim.close()
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT outcome, stream, upstream_request_id, error, key_name, "
+                        "input_tokens FROM usage ORDER BY ts").fetchall()
+    ok = [r for r in rows if r[0] == "ok"]
+    cut = [r for r in rows if r[0] == "proxy_error"]
+    assert len(ok) == 10 and all(r[5] > 0 and r[4] == "team-a" for r in ok)
+    assert len(cut) == 3 and all(r[1] == 1 and "killed" in r[3] for r in cut)
+    assert len(rows) == 13
+    assert not list((tmp_path / "killed.db.calls").glob("journal-*"))  # replayed, gone

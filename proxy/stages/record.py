@@ -153,10 +153,17 @@ def estimate(x: Exchange, count_up_to: int) -> Usage:
     return Usage(input_tokens=prompt, output_tokens=output)
 
 
-def _write(rt: Runtime, x: Exchange, duration: float) -> None:
+def began(rt: Runtime, x: Exchange) -> None:
+    """Journal the call as it goes upstream, so a kill -9 mid-call still leaves its row."""
+    if rt.writer.journal is not None:
+        rt.writer.journal.began(row_of(x, None))
+
+
+def row_of(x: Exchange, duration: float | None) -> UsageRow:
+    """The call's usage-log row as it stands."""
     usage = x.usage or Usage()
     metered = x.metered
-    row = UsageRow(
+    return UsageRow(
         id=x.id,
         ts=x.started.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         duration_ms=duration,
@@ -182,6 +189,11 @@ def _write(rt: Runtime, x: Exchange, duration: float) -> None:
         upstream_request_id=x.upstream_request_id,
         error=x.error,
     )
+
+
+def _write(rt: Runtime, x: Exchange, duration: float) -> None:
+    row = row_of(x, duration)
+    usage = x.usage or Usage()
     rt.writer.submit(row)
     rt.metrics.observe(row)
     if rt.telemetry is not None:

@@ -52,6 +52,15 @@ def open_usage_log(url: str, *, spool_dir: str | None = None) -> UsageLog:
                      "(use sqlite:///file.db or postgresql://user@host/db)")
 
 
+def journal_dir(url: str, spool_dir: str | None = None) -> Path:
+    """Where the journal of open calls lives: beside a SQLite file (`usage.db.calls/`; not
+    `-journal`, which is SQLite's own),
+    in the spool directory for PostgreSQL (each instance keeps its own, locked, files)."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///") + ".calls")
+    return Path(spool_dir or DEFAULT_SPOOL_DIR)
+
+
 def open_ledger(url: str, on_lost: Callable[[], Awaitable[None]] | None = None) -> Ledger:
     """The budget ledger a `storage.ledger` setting names.
 

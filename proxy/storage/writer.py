@@ -18,6 +18,7 @@ from typing import Protocol
 
 import structlog
 
+from proxy.storage.journal import Journal
 from proxy.storage.row import UsageRow
 
 log = structlog.get_logger("meterproxy.writer")
@@ -34,8 +35,9 @@ class UsageWriter:
     """Batches rows from any thread into `log.write`, off the event loop."""
 
     def __init__(self, log: UsageLog, *, interval_s: float = 0.25, batch_rows: int = 500,
-                 max_backlog: int = 100_000) -> None:
+                 max_backlog: int = 100_000, journal: Journal | None = None) -> None:
         self.log = log
+        self.journal = journal  # rows queued here survive a kill -9 in it
         self.interval_s = interval_s
         self.batch_rows = batch_rows
         self.max_backlog = max_backlog
@@ -58,6 +60,8 @@ class UsageWriter:
 
     def submit(self, row: UsageRow) -> None:
         """Queue one row; never blocks."""
+        if self.journal is not None:
+            self.journal.finished(row)
         self._rows.append(row)
         self._submitted = next(self._count)
         if len(self._rows) >= self.batch_rows:
@@ -91,6 +95,8 @@ class UsageWriter:
         self._wake.set()
         self._thread.join()
         self.log.close()
+        if self.journal is not None:
+            self.journal.close()
 
     def _run(self) -> None:
         stopping = False
@@ -145,6 +151,8 @@ class UsageWriter:
                           error=str(exc))
                 return
             del self._backlog[: len(chunk)]
+            if self.journal is not None:
+                self.journal.committed([row.id for row in chunk])
             self.healthy = True
             self._resolve(written=len(chunk))
 
