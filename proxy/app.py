@@ -15,10 +15,10 @@ from datetime import datetime
 import structlog
 from aiohttp import web
 
-from proxy import admin
+from proxy import admin, preflight
 from proxy.config import Settings
 from proxy.keys import APP_SERVER
-from proxy.listener import GuardedSite, quiet_accept_errors
+from proxy.listener import GuardedSite, listen_socket, quiet_accept_errors
 from proxy.pipeline import handle
 from proxy.server import Server
 
@@ -57,14 +57,21 @@ async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Even
     `reuse_port` lets several worker processes listen on one port (SO_REUSEPORT)."""
     import signal
 
+    sock = listen_socket(host, port, reuse_port=reuse_port)
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.server.grace_s)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
     site = GuardedSite(runner, host, port, max_connections=settings.server.max_connections,
-                       reuse_address=True, reuse_port=reuse_port or None)
+                       sock=sock)
     await site.start()
     quiet_accept_errors(asyncio.get_running_loop())
+    for event, fields in preflight.warnings(app[APP_SERVER].current):
+        log.warning(event, **fields)
     log.info("listening", url=f"http://{host}:{port}")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -13,14 +13,29 @@ from typing import Any
 
 import orjson
 
-from proxy import query
 from proxy.config import ConfigError, load_settings
-from proxy.output import render
-from proxy.pricing import PriceBook, PricingError, rates_dict
-from proxy.runtime import key_digest
-from proxy.storage.readers import open_reader
+from proxy.output import PrintableStream, printable, render
 from proxy.timeparse import parse_time
-from proxy.token_classes import CLASSES, Unit
+
+
+class _Lazy:
+    """A module imported on first use: `meterproxy --help` should not load aiohttp,
+    sqlite-utils and the pricing tables (0.6 s) to print a page of text."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+query = _Lazy("proxy.query")
+_pricing = _Lazy("proxy.pricing")
+_runtime = _Lazy("proxy.runtime")
+_readers = _Lazy("proxy.storage.readers")
+_classes = _Lazy("proxy.token_classes")
 
 FORMATS = ("table", "json", "csv")
 
@@ -31,19 +46,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    stdout, sys.stdout = sys.stdout, PrintableStream(sys.stdout)
     try:
         return args.run(args) or 0
-    except (ConfigError, PricingError, query.QueryError, ValueError) as exc:
-        print(f"meterproxy: {exc}", file=sys.stderr)
+    except (ConfigError, ValueError, *_lazy_errors()) as exc:
+        print(f"meterproxy: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        sys.stdout = stdout
+
+
+def _lazy_errors() -> tuple[type[Exception], ...]:
+    """What a command may end with, imported only while one is being handled: each is
+    told in one line (a taken port, an unreadable log, a missing extra), no traceback."""
+    import sqlite3
+
+    from proxy.pricing import PricingError
+    from proxy.query import QueryError
+    from proxy.storage import LedgerUnavailable, LogUnavailable
+
+    return (PricingError, QueryError, LogUnavailable, LedgerUnavailable, sqlite3.Error,
+            OSError)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meterproxy")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meterproxy",
         description="A cost-metering reverse proxy for LLM APIs.")
+    parser.add_argument("--version", action="version", version=f"meterproxy {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML file (default: $METERPROXY_CONFIG, "
                         "else ./meterproxy.yaml, else built-in defaults)")
@@ -200,16 +241,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _run(coro: Any) -> None:
     try:
         import uvloop  # type: ignore[import-not-found]
-
-        uvloop.run(coro)
     except ImportError:
         asyncio.run(coro)
+    else:
+        uvloop.run(coro)
 
 
 # What `usage --format table` shows; json and csv carry every aggregate.
 # (class parts other than reasoning, and unit charges, are in json and csv only).
-TABLE_HIDDEN = (*(c.column for c in CLASSES if c.column != "reasoning_tokens"
-                  and (c.within is not None or c.unit is Unit.REQUESTS)),
+TABLE_HIDDEN = (*(c.column for c in _classes.CLASSES if c.column != "reasoning_tokens"
+                  and (c.within is not None or c.unit is _classes.Unit.REQUESTS)),
                 "unpriced_calls", "errors", "refusals")
 
 
@@ -225,7 +266,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         limit=args.top,
         durations=args.durations,
     )
-    with open_reader(settings.storage.usage_log) as log:
+    with _readers.open_reader(settings.storage.usage_log) as log:
         rows = log.usage(q)
     if args.format == "table":
         rows = [{k: _rate(k, v) for k, v in r.items() if k not in TABLE_HIDDEN} for r in rows]
@@ -242,8 +283,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     now = datetime.now(UTC)
-    open_reader(settings.storage.usage_log).close()  # a missing log: one clear error
-    data = build_report(lambda: open_reader(settings.storage.usage_log), settings,
+    _readers.open_reader(settings.storage.usage_log).close()  # a missing log: one clear error
+    data = build_report(lambda: _readers.open_reader(settings.storage.usage_log), settings,
                         parse_time(args.since, now),
                         parse_time(args.until, now) if args.until else None, now, args.top)
     if args.format == "json":
@@ -260,7 +301,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     now = parse_time(args.as_of) if args.as_of else datetime.now(UTC)
-    with open_reader(settings.storage.usage_log) as log:
+    with _readers.open_reader(settings.storage.usage_log) as log:
         data = forecast_month(log, now, budgets_from(settings), args.top)
     if args.format == "json":
         _print_json(data)
@@ -296,7 +337,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     budgets = budgets_from(settings)
     now = datetime.now(UTC)
-    with open_reader(settings.storage.usage_log) as log:
+    with _readers.open_reader(settings.storage.usage_log) as log:
         totals = spend_from_log(log, budgets, now)
     rows = []
     for budget, scope, key, end in current_periods(budgets, {s for _, s in totals}, now):
@@ -308,7 +349,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    with open_reader(settings.storage.usage_log) as log:
+    with _readers.open_reader(settings.storage.usage_log) as log:
         found = query.explain(log, args.id)
     if found is None:
         print(f"meterproxy: no call {args.id} in the usage log", file=sys.stderr)
@@ -354,13 +395,14 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     key = "mp-" + secrets.token_urlsafe(32)
     print(f"key (shown once, give it to the client): {key}")
     print("config line (add under keys:):")
-    print(f'  - {{name: {orjson.dumps(args.name).decode()}, key_sha256: "{key_digest(key)}"}}')
+    digest = _runtime.key_digest(key)
+    print(f'  - {{name: {orjson.dumps(args.name).decode()}, key_sha256: "{digest}"}}')
     return 0
 
 
 def cmd_pricing_show(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    book = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    book = _pricing.PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
     when = parse_time(args.at) if args.at else datetime.now(UTC)
     table = settings.providers[args.provider].pricing if args.provider in settings.providers \
         and settings.providers[args.provider].pricing else args.provider
@@ -375,18 +417,19 @@ def cmd_pricing_show(args: argparse.Namespace) -> int:
         "effective_from": period.effective_from.date().isoformat(),
         "effective_until": period.effective_until.date().isoformat()
         if period.effective_until else None,
-        **rates_dict(price.rates),
+        **_pricing.rates_dict(price.rates),
         "pricing_version": price.version,
         "source": period.source,
     }
     if period.tiers:
         info["tiers"] = [{"above_input_tokens": t.above_input_tokens,
-                          **rates_dict(t.adjustment.apply(price.rates))} for t in period.tiers]
+                          **_pricing.rates_dict(t.adjustment.apply(price.rates))}
+                         for t in period.tiers]
     if period.service_tiers:
-        info["service_tiers"] = {name: rates_dict(adj.apply(price.rates))
+        info["service_tiers"] = {name: _pricing.rates_dict(adj.apply(price.rates))
                                  for name, adj in period.service_tiers.items()}
     if period.speeds:
-        info["speeds"] = {name: rates_dict(adj.apply(price.rates))
+        info["speeds"] = {name: _pricing.rates_dict(adj.apply(price.rates))
                           for name, adj in period.speeds.items()}
     if args.format == "json":
         print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
@@ -399,7 +442,7 @@ def cmd_pricing_show(args: argparse.Namespace) -> int:
 
 def cmd_pricing_list(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    book = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    book = _pricing.PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
     now = datetime.now(UTC)
     rows = []
     for model in book.models(args.provider):
@@ -424,7 +467,7 @@ def cmd_pricing_check(args: argparse.Namespace) -> int:
     problems = check() + (check(settings.pricing.dir) if settings.pricing.dir else [])
     for problem in problems:
         print(f"error: {problem}")
-    book = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    book = _pricing.PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
     if args.coverage:
         from proxy.pricing.sync import coverage_gaps
 
@@ -437,7 +480,7 @@ def cmd_pricing_check(args: argparse.Namespace) -> int:
     print(f"{len(book.tables)} tables, {models} models, version {book.digest}: "
           f"{len(problems)} problem(s)")
     if args.unpriced:
-        with open_reader(settings.storage.usage_log) as log:
+        with _readers.open_reader(settings.storage.usage_log) as log:
             rows = log.unpriced_models()
         print("\nunpriced models in the usage log:" if rows else "\nno unpriced calls logged")
         if rows:
@@ -461,7 +504,7 @@ def cmd_pricing_sync(args: argparse.Namespace) -> int:
     from proxy.pricing.sync import sync, write
 
     settings = load_settings(args.config)
-    book = PriceBook.load(settings.pricing.dir)
+    book = _pricing.PriceBook.load(settings.pricing.dir)
     report = sync(book, provider=args.provider)
     for line in report.lines():
         print(line)
@@ -477,7 +520,7 @@ def cmd_pricing_diff(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     try:
-        book = PriceBook.load(settings.pricing.dir)
+        book = _pricing.PriceBook.load(settings.pricing.dir)
         found = diff_against_genai_prices(book)
     except ImportError:
         print("meterproxy: pricing diff needs the genai-prices package "
@@ -499,8 +542,8 @@ def cmd_reprice(args: argparse.Namespace) -> int:
     from proxy.reprice import reprice
 
     settings = load_settings(args.config)
-    book = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
-    with open_reader(settings.storage.usage_log, writable=not args.dry_run) as log:
+    book = _pricing.PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    with _readers.open_reader(settings.storage.usage_log, writable=not args.dry_run) as log:
         result = reprice(log, settings, book, parse_time(args.since),
                          parse_time(args.until) if args.until else None, dry_run=args.dry_run)
     for change in result.changes[:20]:
@@ -549,7 +592,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     since, until = reconcile_range(args.since, args.until, datetime.now(UTC))
-    prices = PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    prices = _pricing.PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
     by = tuple(b for b in args.by.split(",") if b)
     try:
         result = asyncio.run(run(settings, prices, args.provider, since, until,

@@ -47,6 +47,11 @@ OUTCOME = {
 }
 
 
+# Refusals a retry cannot change: SDKs retry 429 and 5xx unless told `x-should-retry: false`.
+FINAL = frozenset({Kind.BUDGET_EXCEEDED, Kind.INVALID_REQUEST, Kind.AUTHENTICATION,
+                   Kind.PERMISSION, Kind.NOT_FOUND, Kind.TOO_LARGE})
+
+
 class MeterError(Exception):
     """A call the proxy ends itself, with a message safe to show the client."""
 

@@ -10,6 +10,8 @@ per interval, with a count, not a line per attempt.
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import time
 from typing import Any
 
@@ -43,13 +45,44 @@ class _Busy(asyncio.Protocol):
         return False  # the client is done too: close
 
 
+class ListenError(OSError):
+    """The address cannot be listened on; said in one line."""
+
+
+def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """Bind the listening socket before anything else is opened, so a taken port fails
+    at once and leaves no new database behind."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"port {port} on {host} is already in use: stop what runs "
+                              "there or choose another with --port") from None
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
 class GuardedSite(web.TCPSite):
     """A TCPSite that turns away connections past `max_connections`."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
-                 max_connections: int, **kwargs: Any) -> None:
+                 max_connections: int, sock: socket.socket | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
         self.max_connections = max_connections
+        self.sock = sock  # already bound (listen_socket), or None to bind host:port
         self.turned_away = 0
         self._sampled = Sampled()
 
@@ -67,9 +100,14 @@ class GuardedSite(web.TCPSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        self._server = await asyncio.get_running_loop().create_server(
-            self._protocol, self._host, self._port, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        loop = asyncio.get_running_loop()
+        if self.sock is not None:
+            self._server = await loop.create_server(self._protocol, sock=self.sock,
+                                                    backlog=self._backlog)
+        else:
+            self._server = await loop.create_server(
+                self._protocol, self._host, self._port, backlog=self._backlog,
+                reuse_address=self._reuse_address, reuse_port=self._reuse_port)
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
 

@@ -19,7 +19,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from proxy.errors import Kind, MeterError
+from proxy.errors import FINAL, Kind, MeterError
 from proxy.exchange import Exchange
 from proxy.keys import runtime_of
 from proxy.outcome import Outcome
@@ -81,4 +81,6 @@ def refuse(x: Exchange, err: MeterError) -> web.Response:
     x.outcome = err.outcome
     x.error = err.message
     headers = {"Content-Type": "application/json", "X-Meter-Request-Id": x.id, **err.headers}
+    if err.kind in FINAL:
+        headers.setdefault("x-should-retry", "false")
     return web.Response(status=err.status, body=x.dialect.error_body(err), headers=headers)

@@ -43,7 +43,8 @@ def authenticate(rt: Runtime, x: Exchange) -> None:
     if upstream.api_key_env and not upstream.api_key:
         raise MeterError(Kind.UNAVAILABLE,
                          f"meterproxy has no key for provider {upstream.name!r}: "
-                         f"set {upstream.api_key_env} where it runs")
+                         f"set {upstream.api_key_env} where it runs",
+                         headers={"x-should-retry": "false"})  # SDKs would retry a 503
     dialect.set_upstream_key(x.headers, x.query, upstream.api_key or "", upstream.auth_header)
     if not upstream.api_key:  # a local provider (vLLM, Ollama) that wants no key
         for name in key_headers():

@@ -25,6 +25,15 @@ class LogUnavailable(Exception):
     """The usage log's database cannot be reached; rows go to the local spool meanwhile."""
 
 
+def needs_extra(module: str, what: str) -> None:
+    """One clear line, not a ModuleNotFoundError traceback, when an extra is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{what} needs the {module!r} package: "
+                         "pip install 'meterproxy[scale]'")
+
+
 def is_postgres(url: str) -> bool:
     return url.startswith(POSTGRES_SCHEMES)
 
@@ -44,6 +53,7 @@ def open_usage_log(url: str, *, spool_dir: str | None = None) -> UsageLog:
 
         return SqliteUsageLog(url)
     if is_postgres(url):
+        needs_extra("psycopg", "a postgresql:// usage log")
         from proxy.storage.postgres import PostgresUsageLog
         from proxy.storage.spool import SpooledUsageLog
 
@@ -69,6 +79,7 @@ def open_ledger(url: str, on_lost: Callable[[], Awaitable[None]] | None = None) 
     if url == "local":
         return LocalLedger()
     if is_redis(url):
+        needs_extra("redis", "a redis:// ledger")
         from proxy.storage.redis_ledger import RedisLedger
 
         return RedisLedger(url, on_lost)
