@@ -9,10 +9,8 @@ endpoints under /_meter/ too, so the page's links work; it never opens a POST.
 from __future__ import annotations
 
 import asyncio
-import csv
 import hashlib
 import hmac
-import io
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,6 +23,7 @@ from aiohttp import web
 
 from proxy import dashboard, query
 from proxy.keys import APP_SERVER, runtime_of
+from proxy.output import csv_lines
 from proxy.report import build_report, render_text
 from proxy.storage import LedgerUnavailable
 from proxy.storage.readers import open_reader
@@ -327,9 +326,7 @@ async def export_focus(request: web.Request) -> web.StreamResponse:
 
 
 def _csv_lines(rows: Any) -> bytes:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue().encode()
+    return csv_lines(rows).encode()
 
 
 async def budgets(request: web.Request) -> web.Response:

@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
 import orjson
+
+# A spreadsheet runs a cell starting with one of these as a formula (=HYPERLINK, @SUM,
+# +cmd|...); OWASP's advice is a leading apostrophe, which shows the text as it was.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# C0 and C1 control characters but newline and tab: ANSI escapes, bells, carriage returns.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def neutralise(text: str) -> str:
+    """A text cell safe to open in a spreadsheet (every CSV we write goes through this)."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def printable(text: str) -> str:
+    """Text with control characters removed, safe to print on an operator's terminal."""
+    return _CONTROL.sub("", text)
+
+
+class PrintableStream:
+    """A text stream that drops control characters from what it is given (the CLI's
+    stdout: a `model` name in the log may carry ANSI escapes)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(printable(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _plain(value: Any) -> Any:
@@ -25,20 +56,30 @@ def render(rows: Sequence[dict[str, Any]], fmt: str) -> str:
         if rows:
             writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
             writer.writeheader()
-            writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
+            writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
         return buf.getvalue().rstrip("\n")
     return table(rows)
 
 
-def _cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
+    """One CSV cell: exact decimals (never 1.8e-05), neutralised text."""
     if value is None:
         return ""
+    if isinstance(value, float):
+        value = Decimal(repr(value))
     if isinstance(value, Decimal):
         text = format(value.normalize(), "f")
         return text if "." not in text else text.rstrip("0").rstrip(".") or "0"
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, str):
+        return neutralise(value)
     return str(value)
+
+
+def csv_lines(rows: Any) -> str:
+    """CSV text of rows of values, every cell through csv_cell."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([csv_cell(v) for v in row] for row in rows)
+    return buf.getvalue()
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:

@@ -419,3 +419,42 @@ def test_sigkill_loses_no_row_finished_or_in_flight(tmp_path: Path) -> None:
     assert len(cut) == 3 and all(r[1] == 1 and "killed" in r[3] for r in cut)
     assert len(rows) == 13
     assert not list((tmp_path / "killed.db.calls").glob("journal-*"))  # replayed, gone
+
+
+def test_csv_cells_cannot_run_formulas_and_the_cli_prints_no_escapes(tmp_path: Path) -> None:
+    """A model named `=HYPERLINK(...)` or `@SUM(...)` is written as text in export.csv and
+    `usage --format csv`; an ANSI escape in a model name never reaches the terminal; costs
+    are plain decimals, never 1.8e-05."""
+    import os
+
+    from proxy.cli import main
+
+    os.environ["METERPROXY_TEST_HOSTILE_ADMIN"] = "hostile-admin"
+    s = Stack(tmp_path, {"server": {"admin_key_env": "METERPROXY_TEST_HOSTILE_ADMIN"}})
+    try:
+        client = openai.OpenAI(base_url=s.base(), api_key=VIRTUAL_KEY, max_retries=0)
+        for model in ('=HYPERLINK("http://evil")', "@SUM(A1)", "\x1b[31mred", "gpt-4o-mini"):
+            client.chat.completions.create(model=model, messages=MESSAGES)
+        s.rows(4)
+        export = http("GET", f"{s.url}/_meter/export.csv", None,
+                      {"Authorization": "Bearer hostile-admin"}).content.decode()
+        cells = [c for line in export.splitlines() for c in line.split(",")]
+        assert not [c for c in cells if c.lstrip('"').startswith(("=", "@", "+"))]
+        assert '"\'=HYPERLINK(""http://evil"")"' in export and "'@SUM(A1)" in export
+        assert "e-0" not in export
+    finally:
+        s.close()
+    config = str(s.config_path)
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    for fmt in ("csv", "table"):
+        out = StringIO()
+        with redirect_stdout(out):
+            assert main(["usage", "--config", config, "--group-by", "model",
+                         "--format", fmt]) == 0
+        text = out.getvalue()
+        assert "\x1b" not in text and "red" in text
+        if fmt == "csv":
+            assert "'=HYPERLINK" in text and "'@SUM(A1)" in text
+            assert not [line for line in text.splitlines() if line.startswith(("=", "@"))]
