@@ -1,9 +1,11 @@
 """The admin HTTP API under /_meter/ (bearer admin key) and /healthz (open).
 
-The dashboard at /_meter/ also takes the key once as `?key=`: it answers with an
-HttpOnly, SameSite=Strict session cookie (an HMAC of the key, never the key) and a
-redirect that drops the key from the address bar. That cookie opens the other GET
-endpoints under /_meter/ too, so the page's links work; it never opens a POST.
+The dashboard's login form POSTs the key to /_meter/login (never in a URL, so never in an
+access log); the answer is an HttpOnly, SameSite=Strict session cookie: a random id with
+its expiry, signed with the admin key (so every worker checks it, and changing the key ends
+every session). That cookie opens the other GET endpoints under /_meter/ too, so the
+page's links work; it never opens a POST. Every admin answer says `nosniff`, and every
+error, a crash included, is JSON.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlencode
 
 import orjson
+import structlog
 from aiohttp import web
 
 from proxy import dashboard, query
@@ -28,6 +31,8 @@ from proxy.report import build_report, render_text
 from proxy.storage import LedgerUnavailable
 from proxy.storage.readers import open_reader
 from proxy.timeparse import parse_time
+
+log = structlog.get_logger("meterproxy")
 
 SESSION_COOKIE = "meterproxy_admin"
 SESSION_DAYS = 7
@@ -85,17 +90,30 @@ def _authorized(request: web.Request) -> None:
     if rt.admin_key and hmac.compare_digest(token.encode(), rt.admin_key.encode()):
         return
     cookie = request.cookies.get(SESSION_COOKIE, "")
-    if rt.admin_key and cookie and request.method in ("GET", "HEAD") and hmac.compare_digest(
-            cookie.encode(), session_token(rt.admin_key).encode()):
+    if rt.admin_key and cookie and request.method in ("GET", "HEAD") and session_valid(
+            rt.admin_key, cookie, time.time()):
         return
     raise web.HTTPUnauthorized(
         text='{"error": "admin key required: Authorization: Bearer <admin key>"}',
         content_type="application/json")
 
 
-def session_token(admin_key: str) -> str:
-    """The dashboard's cookie: derived from the admin key, useless for anything else."""
-    return hmac.new(admin_key.encode(), b"meterproxy dashboard session",
+def new_session(admin_key: str, now: float) -> str:
+    """A fresh session: a random id, its expiry, and their signature with the admin key."""
+    claim = f"{secrets.token_urlsafe(24)}.{int(now + SESSION_DAYS * 86400)}"
+    return f"{claim}.{_sign(admin_key, claim)}"
+
+
+def session_valid(admin_key: str, token: str, now: float) -> bool:
+    """Whether a session cookie was signed with this admin key and has not expired."""
+    claim, _, signature = token.rpartition(".")
+    expires = claim.rpartition(".")[2]
+    return (expires.isdigit() and int(expires) > now
+            and hmac.compare_digest(signature.encode(), _sign(admin_key, claim).encode()))
+
+
+def _sign(admin_key: str, claim: str) -> str:
+    return hmac.new(admin_key.encode(), b"meterproxy session " + claim.encode(),
                     hashlib.sha256).hexdigest()
 
 
@@ -229,20 +247,24 @@ async def to_dashboard(request: web.Request) -> web.Response:
     raise web.HTTPFound("/_meter/")
 
 
-async def dashboard_page(request: web.Request) -> web.Response:
-    """The dashboard; `?key=` once sets the session cookie and redirects without it."""
+async def login(request: web.Request) -> web.Response:
+    """The login form's POST: the key in the body, a session cookie and the dashboard back."""
     rt = runtime_of(request)
-    key = request.query.get("key")
-    if key is not None:
-        if not rt.admin_key or not hmac.compare_digest(key.encode(), rt.admin_key.encode()):
-            return _html(dashboard.login_page("That is not the admin key."), 401)
-        rest = [(k, v) for k, v in request.query.items() if k != "key"]
-        found = web.HTTPSeeOther("/_meter/" + (f"?{urlencode(rest)}" if rest else ""),
-                                 headers={"Cache-Control": "no-store"})
-        found.set_cookie(SESSION_COOKIE, session_token(rt.admin_key), path="/_meter",
-                         httponly=True, samesite="Strict", secure=request.secure,
-                         max_age=int(timedelta(days=SESSION_DAYS).total_seconds()))
-        raise found
+    form = await request.post()
+    key = form.get("key")
+    if not isinstance(key, str) or not rt.admin_key or not hmac.compare_digest(
+            key.encode(), rt.admin_key.encode()):
+        return _html(dashboard.login_page("That is not the admin key."), 401)
+    found = web.HTTPSeeOther("/_meter/", headers={"Cache-Control": "no-store"})
+    found.set_cookie(SESSION_COOKIE, new_session(rt.admin_key, time.time()), path="/_meter",
+                     httponly=True, samesite="Strict", secure=request.secure,
+                     max_age=int(timedelta(days=SESSION_DAYS).total_seconds()))
+    raise found
+
+
+async def dashboard_page(request: web.Request) -> web.Response:
+    """The dashboard, or its login form."""
+    rt = runtime_of(request)
     try:
         _authorized(request)
     except web.HTTPUnauthorized:
@@ -411,7 +433,8 @@ _USAGE_PARAMS = ("since", "until", "group_by", "where", "order_by", "limit", "du
 ROUTES: tuple[tuple[str, str, Any, tuple[str, ...]], ...] = (
     ("GET", "/healthz", healthz, ()),
     ("GET", "/metrics", metrics, ()),
-    ("GET", "/_meter/", dashboard_page, ("key", "since", "until", "top")),
+    ("GET", "/_meter/", dashboard_page, ("since", "until", "top")),
+    ("POST", "/_meter/login", login, ()),
     ("GET", "/_meter", to_dashboard, ()),
     ("GET", "/_meter/usage", usage, _USAGE_PARAMS),
     ("GET", "/_meter/usage/{id}", usage_row, ()),
@@ -430,6 +453,7 @@ ROUTES: tuple[tuple[str, str, Any, tuple[str, ...]], ...] = (
 def add_routes(app: web.Application) -> None:
     """The admin routes; other methods on them are a 405, unknown /_meter/ paths a 404."""
     app[APP_REPORTS] = ReportCache()
+    app.on_response_prepare.append(nosniff)
     for method, path, handler, params in ROUTES:
         app.router.add_route(method, path, _checked(handler, frozenset(params)))
     for path in dict.fromkeys(path for _, path, _, _ in ROUTES):
@@ -444,5 +468,29 @@ def _checked(handler: Any, params: frozenset[str]) -> Any:
         if unknown:
             raise _bad_request(f"unknown parameter {unknown[0]!r}"
                                + (f" (known here: {', '.join(sorted(params))})" if params else ""))
-        return await handler(request)
+        return await json_errors(handler)(request)
     return checked
+
+
+def json_errors(handler: Any) -> Any:
+    """Errors as JSON, a crash included: never aiohttp's plain-text 500."""
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400 and exc.content_type != "application/json":
+                exc.text = orjson.dumps({"error": exc.reason}).decode()
+                exc.content_type = "application/json"
+            raise
+        except Exception:
+            log.exception("admin_error", path=request.path)
+            return web.Response(status=500, content_type="application/json",
+                                body=orjson.dumps({"error": "meterproxy failed on this admin "
+                                                   "request; the log has the details"}))
+    return wrapped
+
+
+async def nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: admin answers are never sniffed into another type."""
+    if request.path.startswith(("/_meter", "/metrics", "/healthz")):
+        response.headers["X-Content-Type-Options"] = "nosniff"

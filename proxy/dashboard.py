@@ -54,11 +54,12 @@ def render_page(report: dict[str, Any], budgets: list[dict[str, Any]], window: s
 
 
 def login_page(message: str = "") -> str:
-    """Asked for when there is no admin key: a plain GET form, so no script is needed."""
+    """Asked for when there is no session: a plain POST form (the key never goes in a URL,
+    so never in an access log), no script needed."""
     note = f'<p class="error">{e(message)}</p>' if message else ""
     return PAGE.format(css=CSS, body=f"""
 <div class="login"><h1>meterproxy</h1><p>Enter the admin key to open the dashboard.</p>
-{note}<form method="get" action="/_meter/"><input type="password" name="key"
+{note}<form method="post" action="/_meter/login"><input type="password" name="key"
  autocomplete="current-password" aria-label="admin key" autofocus>
 <button type="submit">Open</button></form></div>""")
 

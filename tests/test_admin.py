@@ -14,7 +14,7 @@ from decimal import Decimal
 from http.client import HTTPConnection, HTTPResponse
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 import openai
@@ -186,23 +186,56 @@ def raw_get(url: str, headers: dict[str, str] | None = None) -> HTTPResponse:
     return resp
 
 
-def test_dashboard_key_once_then_cookie(astack: Stack) -> None:
-    """?key= sets an HttpOnly SameSite=Strict cookie and redirects the key out of the URL;
-    the cookie then opens the page and the GET API, never a POST."""
-    wrong = raw_get(f"{astack.url}/_meter/?key=guess")
+def login(stack: Stack, key: str) -> HTTPResponse:
+    """The login form's POST, not following its redirect."""
+    conn = HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    conn.request("POST", "/_meter/login", body=urlencode({"key": key}),
+                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    return resp
+
+
+def test_dashboard_login_by_post_then_a_random_session(astack: Stack) -> None:
+    """The key goes in a POST body, never a URL (`?key=` is refused); each login gets its
+    own random HttpOnly SameSite=Strict session that opens the page and the GET API, never
+    a POST; a forged or expired session opens nothing."""
+    assert raw_get(f"{astack.url}/_meter/?key={ADMIN_KEY}").status == 400
+    wrong = login(astack, "guess")
     assert wrong.status == 401 and wrong.getheader("Set-Cookie") is None
-    first = raw_get(f"{astack.url}/_meter/?key={ADMIN_KEY}&since=7d")
-    assert first.status == 303 and first.getheader("Location") == "/_meter/?since=7d"
+    first, second = login(astack, ADMIN_KEY), login(astack, ADMIN_KEY)
+    assert first.status == 303 and first.getheader("Location") == "/_meter/"
     cookie = first.getheader("Set-Cookie")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/_meter" in cookie
     assert ADMIN_KEY not in cookie
     session = cookie.split(";")[0]
+    assert session != second.getheader("Set-Cookie").split(";")[0]  # random, per login
     page = raw_get(f"{astack.url}/_meter/?since=7d", {"Cookie": session})
     assert page.status == 200 and page.getheader("Cache-Control") == "no-store"
     assert "script-src" not in page.getheader("Content-Security-Policy")  # none allowed
     assert get(astack, "/_meter/report", {"Cookie": session}).status_code == 200
     reload = http("POST", f"{astack.url}/_meter/reload", b"", {"Cookie": session})
     assert reload.status_code == 401
+    name, _, token = session.partition("=")
+    claim, _, signature = token.rpartition(".")
+    rid, _, expires = claim.rpartition(".")
+    stretched = f"{name}={rid}.{int(expires) + 10**6}.{signature}"
+    assert raw_get(f"{astack.url}/_meter/", {"Cookie": stretched}).status == 401
+
+
+def test_admin_answers_are_nosniff_and_errors_json(astack: Stack) -> None:
+    """Every admin answer says nosniff; errors (401, 404, 405, 400) are JSON."""
+    for method, path, headers in (("GET", "/_meter/report", AUTH), ("GET", "/metrics", AUTH),
+                                  ("GET", "/_meter/export.csv", AUTH), ("GET", "/healthz", {}),
+                                  ("GET", "/_meter/usage", {}), ("GET", "/_meter/nope", AUTH),
+                                  ("DELETE", "/_meter/usage", AUTH),
+                                  ("GET", "/_meter/usage?bogus=1", AUTH)):
+        reply = http(method, f"{astack.url}{path}", None, headers)
+        assert reply.headers.get("x-content-type-options") == "nosniff", path
+        if reply.status_code >= 400:
+            assert reply.headers["content-type"].startswith("application/json"), path
+            assert "error" in reply.json(), path
 
 
 def test_dashboard_html_escapes_user_input(astack: Stack) -> None:

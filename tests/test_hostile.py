@@ -3,6 +3,7 @@ credentials, encoded bodies, and the Azure deployment a key may not call."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import resource
@@ -458,3 +459,23 @@ def test_csv_cells_cannot_run_formulas_and_the_cli_prints_no_escapes(tmp_path: P
         if fmt == "csv":
             assert "'=HYPERLINK" in text and "'@SUM(A1)" in text
             assert not [line for line in text.splitlines() if line.startswith(("=", "@"))]
+
+
+def test_an_admin_crash_is_a_json_500(tmp_path: Path) -> None:
+    """An admin request that fails inside (its log file turned to garbage) answers a JSON
+    500 with nosniff, not aiohttp's plain-text page."""
+    import os
+
+    os.environ["METERPROXY_TEST_HOSTILE_ADMIN"] = "hostile-admin"
+    s = Stack(tmp_path, {"server": {"admin_key_env": "METERPROXY_TEST_HOSTILE_ADMIN"}})
+    try:
+        s.db.write_bytes(b"not a database at all" * 512)
+        reply = http("GET", f"{s.url}/_meter/usage", None,
+                     {"Authorization": "Bearer hostile-admin"})
+    finally:
+        with contextlib.suppress(sqlite3.DatabaseError):  # the writer's log is garbage too
+            s.close()
+    assert reply.status_code == 500
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.headers["x-content-type-options"] == "nosniff"
+    assert "admin request" in reply.json()["error"]

@@ -33,6 +33,7 @@ def test_client_key_goes_upstream_and_row_has_fingerprint(passthrough: Stack) ->
     assert row["key_name"] == f"sk-c…{digest[:12]}"
     assert CLIENT_KEY not in str(row)
     db = Path(passthrough.db)
-    stored = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))  # db, -wal, -shm
+    stored = b"".join(f.read_bytes() for p in db.parent.glob(db.name + "*")  # db, -wal, -shm
+                      for f in ([p] if p.is_file() else p.iterdir()))  # and the journal
     assert row["id"].encode() in stored
     assert CLIENT_KEY.encode() not in stored

@@ -13,6 +13,7 @@ committed. The cost on the request path is two small appends to the page cache p
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -50,6 +51,7 @@ class Journal:
         self._lock = threading.Lock()
         self._of: dict[str, _Segment] = {}  # uncommitted id -> the segment that opened it
         self._segments: list[_Segment] = []
+        self.failures = 0
         self._current = self._roll()
 
     def _roll(self) -> _Segment:
@@ -59,13 +61,21 @@ class Journal:
         return segment
 
     def _append(self, line: bytes) -> None:
+        """Append one line; a full or failing disk costs durability, never the call."""
         with self._lock:
             segment = self._current
-            os.write(segment.fd, line)
+            try:
+                os.write(segment.fd, line)
+            except OSError as exc:
+                self.failures += 1
+                if self.failures == 1 or self.failures % 1000 == 0:
+                    log.error("journal_write_failed", error=str(exc), failures=self.failures)
+                return
             segment.size += len(line)
             if segment.size > SEGMENT_BYTES:
-                self._current = self._roll()
-                self._retire()
+                with contextlib.suppress(OSError):
+                    self._current = self._roll()
+                    self._retire()
 
     def began(self, row: UsageRow) -> None:
         """A call went upstream: its stand-in row, should the process die mid-call."""
