@@ -109,7 +109,7 @@ def make_app(chunks: int = 20, chunk_delay_ms: float = 0.0) -> web.Application:
         await request.read()  # an OTLP/HTTP sink for `loadgen --otel`: accept, drop
         return web.Response(content_type="application/x-protobuf", body=b"")
 
-    app = web.Application()
+    app = web.Application(client_max_size=256 * 1024 * 1024)  # hostile-input bench: 60 MB
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/traces", otlp)
     app.router.add_post("/v1/metrics", otlp)

@@ -1,8 +1,9 @@
 """Prometheus metrics, kept in plain dicts and rendered in the text exposition format.
 
-Labels are bounded: provider, key name, outcome, and the model only when the pricing
-tables know it (otherwise `other`), so a client cannot blow up the series count. No
-customer or trace id is ever a label.
+Labels are bounded: provider, outcome, the key's name only when the configuration names it
+(a passthrough fingerprint is `other`), and the model only when the pricing tables know it
+(otherwise `other`), so a client cannot blow up the series count. No customer or trace id
+is ever a label; budgets are labelled by their configured name. Durations are seconds.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from proxy.logs import Sampled
 from proxy.storage.row import UsageRow
 from proxy.token_classes import BY_COLUMN, TOKEN_COLUMNS, UNIT_COLUMNS, label
 
-BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
+BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # Label of each token column (`class="cache_write_1h"`), from proxy.token_classes.
 TOKEN_CLASSES = tuple((label(c), c) for c in TOKEN_COLUMNS)
 UNIT_CLASSES = tuple((BY_COLUMN[c].name, c) for c in UNIT_COLUMNS)
@@ -26,19 +27,21 @@ class Histogram:
     __slots__ = ("counts", "sum")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS_MS) + 1)
+        self.counts = [0] * (len(BUCKETS_S) + 1)
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS_MS, value)] += 1
+        self.counts[bisect.bisect_left(BUCKETS_S, value)] += 1
         self.sum += value
 
 
 class Metrics:
     """Counters and histograms of calls; gauges are read from callbacks when scraped."""
 
-    def __init__(self, known_model: Callable[[str | None, str | None], bool]) -> None:
+    def __init__(self, known_model: Callable[[str | None, str | None], bool],
+                 known_key: Callable[[str | None], bool] = lambda _: True) -> None:
         self._known_model = known_model
+        self._known_key = known_key
         self.calls: defaultdict[Labels, int] = defaultdict(int)
         self.tokens: defaultdict[Labels, int] = defaultdict(int)
         self.units: defaultdict[Labels, int] = defaultdict(int)
@@ -53,7 +56,8 @@ class Metrics:
     def observe(self, row: UsageRow) -> None:
         model = row.model if self._known_model(row.provider, row.model) else "other"
         base: Labels = (("provider", row.provider or "none"), ("model", model or "none"),
-                        ("key", row.key_name or "none"))
+                        ("key", (row.key_name if self._known_key(row.key_name) else "other")
+                                 if row.key_name else "none"))
         self.calls[(*base, ("outcome", row.outcome))] += 1
         for name, column in TOKEN_CLASSES:
             value = getattr(row, column)
@@ -69,9 +73,9 @@ class Metrics:
             self.unpriced[base] += 1
         timing: Labels = (("provider", row.provider or "none"), ("stream", str(row.stream)))
         if row.duration_ms is not None:
-            self.duration[timing].observe(row.duration_ms)
+            self.duration[timing].observe(row.duration_ms / 1000)
         if row.ttfb_ms is not None:
-            self.ttfb[timing].observe(row.ttfb_ms)
+            self.ttfb[timing].observe(row.ttfb_ms / 1000)
 
     def render(self) -> str:
         out: list[str] = []
@@ -86,9 +90,9 @@ class Metrics:
         _counter(out, "meterproxy_refused_total",
                  "Requests refused before any key was known (no usage row), by status.",
                  self.refused)
-        _histogram(out, "meterproxy_duration_ms", "Call duration in milliseconds.",
+        _histogram(out, "meterproxy_call_duration_seconds", "Call duration in seconds.",
                    self.duration)
-        _histogram(out, "meterproxy_ttfb_ms", "Time to the provider's first byte (ms).",
+        _histogram(out, "meterproxy_ttfb_seconds", "Time to the provider's first byte (s).",
                    self.ttfb)
         for gauge in self.gauges:
             out.extend(gauge())
@@ -116,7 +120,7 @@ def _histogram(out: list[str], name: str, help_text: str,
     out += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
     for labels, hist in sorted(values.items()):
         running = 0
-        for bound, count in zip((*BUCKETS_MS, "+Inf"), hist.counts, strict=True):
+        for bound, count in zip((*BUCKETS_S, "+Inf"), hist.counts, strict=True):
             running += count
             out.append(f'{name}_bucket{labels_text((*labels, ("le", str(bound))))} {running}')
         out.append(f"{name}_sum{labels_text(labels)} {hist.sum}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import Any
 
 import aiohttp
 import structlog
@@ -83,7 +84,16 @@ class Server:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
             auto_decompress=True, skip_auto_headers=("User-Agent",))
-        metrics = Metrics(known_model)
+        names: list[Any] = [None, frozenset()]  # the snapshot they were read from, names
+
+        def known_key(name: str | None) -> bool:
+            if server is None:
+                return False
+            if names[0] is not server.current:
+                names[:] = [server.current, frozenset(k.name for k in server.current.keys.values())]
+            return name in names[1]
+
+        metrics = Metrics(known_model, known_key)
         services = Services(session=session, writer=writer, ledger=ledger, metrics=metrics,
                             tasks=Tasks(), clock=clock, telemetry=telemetry)
         try:

@@ -64,7 +64,7 @@ def test_metrics_count_calls_tokens_cost_and_budgets(mstack: Stack) -> None:
         for sample in family:
             assert set(sample.labels) <= BOUNDED_LABELS, sample
             assert not any("acme" in value for value in sample.labels.values()), sample
-    durations = [s for s in families["meterproxy_duration_ms"]
+    durations = [s for s in families["meterproxy_call_duration_seconds"]
                  if s.name.endswith("_count")]
     assert sum(s.value for s in durations) == 3
 
@@ -76,3 +76,35 @@ def test_metrics_and_admin_need_the_key(mstack: Stack) -> None:
     assert http("GET", f"{mstack.url}/_meter/usage", None, wrong).status_code == 401
     health = http("GET", f"{mstack.url}/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_series_stay_bounded_whoever_calls(mstack: Stack, tmp_path_factory) -> None:
+    """Thirty customers under a `customer: "*"` budget make one utilisation series, not
+    thirty; passthrough keys are `other`, never a label per client key; durations are
+    seconds (their sum matches the rows' milliseconds / 1000)."""
+    client = openai.OpenAI(base_url=mstack.base(), api_key=VIRTUAL_KEY, max_retries=0)
+    for i in range(30):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user",
+                                       "content": "x"}], extra_headers={"X-Meter-Customer":
+                                                                        f"cust-{i}"})
+    rows = mstack.rows(33)
+    families = scrape(mstack)
+    assert len(families["meterproxy_budget_utilisation"]) == 1
+    text = http("GET", f"{mstack.url}/metrics", None,
+                {"Authorization": f"Bearer {ADMIN_KEY}"}).content.decode()
+    assert "cust-" not in text
+    total = sum(s.value for s in families["meterproxy_call_duration_seconds"]
+                if s.name.endswith("_sum"))
+    assert total == pytest.approx(sum(r["duration_ms"] for r in rows) / 1000, rel=1e-6)
+    passthrough = Stack(tmp_path_factory.mktemp("passthrough-metrics"),
+                        {"auth": {"mode": "passthrough"}})
+    try:
+        for key in ("sk-client-one-0001", "sk-client-two-0002"):
+            openai.OpenAI(base_url=passthrough.base(), api_key=key, max_retries=0
+                          ).chat.completions.create(model="gpt-4o-mini",
+                                                    messages=[{"role": "user", "content": "x"}])
+        passthrough.rows(2)
+        keys = {labels for labels in passthrough.runtime.metrics.calls}
+        assert {dict(labels)["key"] for labels in keys} == {"other"}
+    finally:
+        passthrough.close()
