@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,11 @@ class Serve:
              str(self.port)], cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(tree), "OPENAI_API_KEY": PROVIDER_KEY})
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # ready once /healthz answers, not at bind time
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("serve did not start")

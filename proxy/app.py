@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
@@ -19,8 +20,10 @@ from proxy import admin, preflight
 from proxy.config import Settings
 from proxy.keys import APP_SERVER
 from proxy.listener import GuardedSite, listen_socket, quiet_accept_errors
+from proxy.metrics import Metrics
 from proxy.pipeline import handle
 from proxy.server import Server
+from proxy.workers import METRICS_DIR_ENV, WORKER_ENV
 
 log = structlog.get_logger("meterproxy")
 
@@ -72,6 +75,7 @@ async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Even
     quiet_accept_errors(asyncio.get_running_loop())
     for event, fields in preflight.warnings(app[APP_SERVER].current):
         log.warning(event, **fields)
+    publishing = _publish_metrics(app[APP_SERVER].services.metrics)
     log.info("listening", url=f"http://{host}:{port}")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,4 +92,23 @@ async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Even
         await stop.wait()
     finally:
         log.info("shutting_down")
+        if publishing is not None:
+            publishing.cancel()
         await runner.cleanup()
+
+
+def _publish_metrics(metrics: Metrics) -> asyncio.Task | None:
+    """Under `serve --workers N`: publish this worker's counters every second, so a
+    scrape on any worker shows every worker's totals."""
+    shared = os.environ.get(METRICS_DIR_ENV)
+    if not shared:
+        return None
+    metrics.share(shared, int(os.environ.get(WORKER_ENV, "0")))
+
+    async def loop() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                metrics.publish()
+            await asyncio.sleep(1)
+
+    return asyncio.get_running_loop().create_task(loop())

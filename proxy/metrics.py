@@ -9,8 +9,14 @@ is ever a label; budgets are labelled by their configured name. Durations are se
 from __future__ import annotations
 
 import bisect
+import contextlib
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
 
 from proxy.logs import Sampled
 from proxy.storage.row import UsageRow
@@ -21,6 +27,10 @@ BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 TOKEN_CLASSES = tuple((label(c), c) for c in TOKEN_COLUMNS)
 UNIT_CLASSES = tuple((BY_COLUMN[c].name, c) for c in UNIT_COLUMNS)
 Labels = tuple[tuple[str, str], ...]
+
+
+_COUNTERS = ("calls", "tokens", "units", "cost", "unpriced", "refused")
+_HISTOGRAMS = ("duration", "ttfb")
 
 
 class Histogram:
@@ -52,6 +62,55 @@ class Metrics:
         self.refused: defaultdict[Labels, int] = defaultdict(int)
         self.refused_log = Sampled()  # a stranger's requests are counted, logged sampled
         self.gauges: list[Callable[[], Iterable[str]]] = []
+        # `serve --workers N`: each worker writes its counters here and a scrape, whichever
+        # worker answers it, adds up every worker's (set by `share`).
+        self.shared_dir: Path | None = None
+        self.worker: int = 0
+
+    def share(self, directory: str | Path, worker: int) -> None:
+        self.shared_dir, self.worker = Path(directory), worker
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters and histograms as plain lists, for the other workers' scrapes."""
+        out: dict[str, Any] = {name: [[list(k), v] for k, v in getattr(self, name).items()]
+                               for name in _COUNTERS}
+        for name in _HISTOGRAMS:
+            out[name] = [[list(k), h.counts, h.sum] for k, h in getattr(self, name).items()]
+        return out
+
+    def publish(self) -> None:
+        """Write this worker's snapshot for its siblings (atomically: write, then rename)."""
+        if self.shared_dir is None:
+            return
+        path = self.shared_dir / f"worker-{self.worker}.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(orjson.dumps(self.snapshot()))
+        tmp.replace(path)
+
+    def _totals(self) -> Metrics:
+        """This worker's figures plus every sibling's last published ones."""
+        if self.shared_dir is None:
+            return self
+        total = Metrics(self._known_model, self._known_key)
+        total._add(self.snapshot())
+        for path in self.shared_dir.glob("worker-*.json"):
+            if path.name == f"worker-{self.worker}.json":
+                continue
+            with contextlib.suppress(OSError, orjson.JSONDecodeError):
+                total._add(orjson.loads(path.read_bytes()))
+        return total
+
+    def _add(self, snap: dict[str, Any]) -> None:
+        for name in _COUNTERS:
+            into = getattr(self, name)
+            for key, value in snap.get(name, []):
+                into[tuple(tuple(pair) for pair in key)] += value
+        for name in _HISTOGRAMS:
+            into = getattr(self, name)
+            for key, counts, total in snap.get(name, []):
+                hist = into[tuple(tuple(pair) for pair in key)]
+                hist.counts = [a + b for a, b in zip(hist.counts, counts, strict=True)]
+                hist.sum += total
 
     def observe(self, row: UsageRow) -> None:
         model = row.model if self._known_model(row.provider, row.model) else "other"
@@ -78,22 +137,25 @@ class Metrics:
             self.ttfb[timing].observe(row.ttfb_ms / 1000)
 
     def render(self) -> str:
+        """The exposition text; under --workers, counters are every worker's sum (gauges
+        are this worker's own)."""
         out: list[str] = []
-        _counter(out, "meterproxy_calls_total", "Calls through the proxy.", self.calls)
-        _counter(out, "meterproxy_tokens_total", "Tokens by class.", self.tokens)
+        m = self._totals()
+        _counter(out, "meterproxy_calls_total", "Calls through the proxy.", m.calls)
+        _counter(out, "meterproxy_tokens_total", "Tokens by class.", m.tokens)
         _counter(out, "meterproxy_units_total",
                  "Charged units by class (web searches, grounded prompts, code runs).",
-                 self.units)
-        _counter(out, "meterproxy_cost_usd_total", "Cost in USD of priced calls.", self.cost)
+                 m.units)
+        _counter(out, "meterproxy_cost_usd_total", "Cost in USD of priced calls.", m.cost)
         _counter(out, "meterproxy_unpriced_calls_total", "Calls to models with no price.",
-                 self.unpriced)
+                 m.unpriced)
         _counter(out, "meterproxy_refused_total",
                  "Requests refused before any key was known (no usage row), by status.",
-                 self.refused)
+                 m.refused)
         _histogram(out, "meterproxy_call_duration_seconds", "Call duration in seconds.",
-                   self.duration)
+                   m.duration)
         _histogram(out, "meterproxy_ttfb_seconds", "Time to the provider's first byte (s).",
-                   self.ttfb)
+                   m.ttfb)
         for gauge in self.gauges:
             out.extend(gauge())
         return "\n".join(out) + "\n"

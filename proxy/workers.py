@@ -14,8 +14,10 @@ import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -25,6 +27,8 @@ from proxy.config import Settings
 from proxy.storage import is_redis
 
 log = structlog.get_logger("meterproxy")
+METRICS_DIR_ENV = "METERPROXY_METRICS_DIR"
+WORKER_ENV = "METERPROXY_WORKER"
 
 # A worker that dies sooner than this after starting is failing to start, not crashing.
 MIN_UPTIME_S = 5.0
@@ -48,6 +52,9 @@ def check_workers(settings: Settings, workers: int) -> None:
 def run_workers(settings: Settings, host: str, port: int, workers: int) -> int:
     """Start `workers` processes on host:port and supervise them until told to stop."""
     check_workers(settings, workers)
+    # Each worker publishes its counters here; a scrape adds them up (see proxy.metrics).
+    shared = tempfile.mkdtemp(prefix="meterproxy-metrics-")
+    os.environ[METRICS_DIR_ENV] = shared
     structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=sys.stderr))
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, Any] = {}
@@ -99,6 +106,7 @@ def run_workers(settings: Settings, host: str, port: int, workers: int) -> int:
                 forward(signal.SIGTERM)
                 continue
             start(index)
+    shutil.rmtree(shared, ignore_errors=True)
     return status
 
 
@@ -112,6 +120,7 @@ def worker_main(settings: Settings, host: str, port: int, index: int) -> None:
     # two workers can interleave (print() writes the line and its newline separately).
     structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=sys.stderr))
     structlog.contextvars.bind_contextvars(worker=index)
+    os.environ[WORKER_ENV] = str(index)
     coro = serve(settings, host, port, reuse_port=True)
     try:
         import uvloop  # type: ignore[import-not-found]

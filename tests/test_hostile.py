@@ -479,3 +479,50 @@ def test_an_admin_crash_is_a_json_500(tmp_path: Path) -> None:
     assert reply.headers["content-type"].startswith("application/json")
     assert reply.headers["x-content-type-options"] == "nosniff"
     assert "admin request" in reply.json()["error"]
+
+
+def test_metrics_under_workers_count_every_worker(tmp_path: Path) -> None:
+    """`serve --workers 2`: 20 calls spread over both workers; every scrape, whichever
+    worker answers it, counts all 20 (before: each scrape showed one worker's share)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import sha
+    from tests.scale import ADMIN_ENV as SCALE_ADMIN_ENV
+    from tests.scale import ADMIN_KEY as SCALE_ADMIN
+    from tests.scale import KEY_ENV, REDIS_URL, ProxyProcess, redis_prefix, wait_for, write_config
+
+    sim = Stack(tmp_path / "sim")
+    try:
+        with redis_prefix() as prefix:
+            config = write_config(tmp_path / "workers.yaml", {
+                "storage": {"usage_log": f"sqlite:///{tmp_path}/w.db",
+                            "ledger": f"{REDIS_URL}?prefix={prefix}"},
+                "server": {"admin_key_env": SCALE_ADMIN_ENV},
+                "providers": {"openai": {"base_url": sim.sim_url, "api_key_env": KEY_ENV}},
+                "keys": [{"name": "team-a", "key_sha256": sha(VIRTUAL_KEY)}]})
+            proxy = ProxyProcess(config, free_port(), tmp_path / "workers.log", workers=2)
+            try:
+                proxy.wait_ready()
+                for i in range(20):  # a fresh connection each: the kernel spreads them
+                    reply = http("POST", f"{proxy.url}{CHAT}", json.dumps(
+                        {"model": "gpt-4o-mini", "messages": [{"role": "user",
+                                                               "content": f"q{i}"}]}).encode(),
+                                 {"Authorization": f"Bearer {VIRTUAL_KEY}",
+                                  "Content-Type": "application/json"})
+                    assert reply.status_code == 200
+
+                def calls() -> float:
+                    text = http("GET", f"{proxy.url}/metrics", None,
+                                {"Authorization": f"Bearer {SCALE_ADMIN}"}).content.decode()
+                    return sum(s.value for f in text_string_to_metric_families(text)
+                               if f.name == "meterproxy_calls" for s in f.samples
+                               if s.name == "meterproxy_calls_total")
+
+                seen: list[float] = []
+                wait_for(lambda: seen.append(calls()) or seen[-1] == 20, 20,
+                         f"every worker's calls published (scrapes: {seen})")
+                assert [calls() for _ in range(8)] == [20] * 8
+            finally:
+                proxy.stop()
+    finally:
+        sim.close()
