@@ -250,6 +250,10 @@ async def to_dashboard(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.Response:
     """The login form's POST: the key in the body, a session cookie and the dashboard back."""
     rt = runtime_of(request)
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise web.HTTPUnsupportedMediaType(
+            text='{"error": "send the login form: application/x-www-form-urlencoded"}',
+            content_type="application/json")
     form = await request.post()
     key = form.get("key")
     if not isinstance(key, str) or not rt.admin_key or not hmac.compare_digest(

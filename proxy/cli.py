@@ -311,8 +311,13 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     rows += [{"scope": f"customer={c['customer']}", **{k: c[k] for k in money}}
              for c in data["customers"]]
     if args.format == "csv":
-        rows += [{"scope": b["scope"], **{k: b[k] for k in money}} for b in data["budgets"]]
-        print(render(rows, "csv"))
+        # Tidy: one kind of thing per row, and a column that says which.
+        tidy = [{"kind": "total", "name": "", **{k: data["total"][k] for k in money}}]
+        tidy += [{"kind": "customer", "name": c["customer"], **{k: c[k] for k in money}}
+                 for c in data["customers"]]
+        tidy += [{"kind": "budget", "name": b["scope"], **{k: b[k] for k in money}}
+                 for b in data["budgets"]]
+        print(render(tidy, "csv"))
         return 0
     ft = data["total"]
     print(f"Forecast for {data['month']} (to {data['month_end']}, as of {data['as_of']}):")

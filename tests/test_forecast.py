@@ -158,4 +158,8 @@ def test_forecast_cli(trend_logs: list[Path], tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "Forecast for 2026-03" in out and "big-one: customer=customer-0000" in out
     assert main([*args, "--format", "csv"]) == 0
-    assert capsys.readouterr().out.startswith("scope,spent_usd,forecast_usd,low_usd,high_usd")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "kind,name,spent_usd,forecast_usd,low_usd,high_usd"  # tidy: kind column
+    kinds = [line.split(",")[0] for line in lines[1:]]
+    assert kinds[0] == "total" and "customer" in kinds and kinds[-1] == "budget"
+    assert lines[-1].startswith("budget,customer=customer-0000,")
