@@ -4,8 +4,8 @@
 
 1. memory: the serve process's peak RSS while six clients send 60 MB bodies with a wrong
    key at once;
-2. isolation: with budgets on, tenant B's small call while tenant A's 20 MB prompt (one
-   long word, tiktoken's slow case) is being estimated;
+2. isolation: with budgets on, tenant B's 100 KB call while tenant A's 20 MB prompt is
+   being estimated;
 3. durability: 10 answered calls, then `kill -9` with a 60 s flush interval; rows in the
    log after a restart.
 
@@ -145,9 +145,12 @@ async def wrong_key_flood(serve: Serve) -> tuple[float, float]:
 
 
 async def tenant_latency(serve: Serve) -> tuple[float, float]:
-    small = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    # B: an ordinary long chat (100 KB); A: a 20 MB document of words.
+    words = "the quick brown fox jumps over the lazy dog; "
+    small = {"model": "gpt-4o-mini",
+             "messages": [{"role": "user", "content": words * (100 * 1024 // len(words))}]}
     huge = {"model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": "x" * (20 * 1024 * 1024)}]}
+            "messages": [{"role": "user", "content": words * (20 * 1024 * 1024 // len(words))}]}
 
     async def call(session: aiohttp.ClientSession, key: str, body: dict) -> float:
         t0 = time.perf_counter()
@@ -195,8 +198,8 @@ def main() -> None:
             before, peak = asyncio.run(wrong_key_flood(serve))
             print(f"six 60 MB bodies, wrong key: RSS {before:.0f} MB -> peak {peak:.0f} MB")
             alone, during = asyncio.run(tenant_latency(serve))
-            print(f"tenant B's call: {alone:.2f} s alone, {during:.2f} s during A's 20 MB "
-                  "prompt")
+            print(f"tenant B's 100 KB call: {alone:.2f} s alone, {during:.2f} s during A's "
+                  "20 MB prompt")
         finally:
             serve.stop()
     with tempfile.TemporaryDirectory() as tmp:
