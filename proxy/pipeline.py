@@ -1,9 +1,9 @@
 """One call through the proxy: the named stages, in order.
 
-    route -> authenticate -> attribute -> read_body -> inspect -> authorize -> reserve
+    route -> authenticate -> read_body -> attribute -> inspect -> authorize -> reserve
           -> forward -> relay (metering on the side) -> price -> record
 
-Everything before read_body looks at the request line and headers only: a stranger's body
+Route and authenticate look at the request line and headers only: a stranger's body
 is never read.
 
 Request-side stages may end the call with a MeterError, which becomes the provider's own
@@ -40,8 +40,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         route(rt, x)
         authenticate(rt, x)
+        await read_body(rt, x)  # only a known key's body is ever read
         attribute(x)
-        await read_body(rt, x)
         inspect(x)
         authorize(x)
         await reserve(rt, x)
