@@ -319,14 +319,15 @@ def test_candidate_count_multiplies_the_estimate(tmp_path: Path) -> None:
         s.close()
 
 
-# Row 4: a model without a price under a USD budget.
+# Row 4: a model without a price under a USD budget (a private model: `ft:` fine-tunes
+# are priced from their base model now).
 
 def test_unpriced_model_is_refused_under_a_usd_budget(tmp_path: Path) -> None:
     s = stack_with(tmp_path, keys=keys(a={"budgets": [{"period": "day", "limit_usd": 0.02}]}))
     try:
         client = openai.OpenAI(base_url=s.base(), api_key=VIRTUAL_KEY, max_retries=0)
         with pytest.raises(openai.PermissionDeniedError) as err:
-            client.chat.completions.create(model="ft:gpt-4o-mini:acme::abc", messages=[
+            client.chat.completions.create(model="acme-private-llm-9", messages=[
                 {"role": "user", "content": "hello"}])
         assert err.value.code == "model_unpriced"
         assert "pricing.overrides" in err.value.message
@@ -334,7 +335,7 @@ def test_unpriced_model_is_refused_under_a_usd_budget(tmp_path: Path) -> None:
         # A key without a USD budget still reaches it, logged unpriced.
         other = openai.OpenAI(base_url=s.base(), api_key=OTHER_KEY, max_retries=0)
         with pytest.raises(openai.PermissionDeniedError):  # team-b's model allow-list
-            other.chat.completions.create(model="ft:gpt-4o-mini:acme::abc", messages=[
+            other.chat.completions.create(model="acme-private-llm-9", messages=[
                 {"role": "user", "content": "hello"}])
     finally:
         s.close()
@@ -345,7 +346,7 @@ def test_unpriced_allow_admits_and_flags(tmp_path: Path) -> None:
                    keys=keys(a={"budgets": [{"period": "day", "limit_usd": 0.02}]}))
     try:
         client = openai.OpenAI(base_url=s.base(), api_key=VIRTUAL_KEY, max_retries=0)
-        client.chat.completions.create(model="ft:gpt-4o-mini:acme::abc", messages=[
+        client.chat.completions.create(model="acme-private-llm-9", messages=[
             {"role": "user", "content": "hello"}])
         row = s.rows(1)[-1]
         assert row["priced"] == 0 and row["cost_usd"] is None
