@@ -30,9 +30,18 @@ from tests.conftest import (
     free_port,
     http,
 )
+from tests.scale import wait_for
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 CHAT = "/openai/v1/chat/completions"
+
+
+def _healthy(url: str) -> bool:
+    """Whether /healthz answers 200 now (a refused or timed-out connect is a no)."""
+    try:
+        return http("GET", url, timeout=2).status_code == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -247,13 +256,7 @@ def test_accept_failures_are_logged_once_per_interval(tmp_path: Path) -> None:
         clients: list[socket.socket] = []
         try:
             url = f"http://127.0.0.1:{port}/healthz"
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if http("GET", url, timeout=2).status_code == 200:
-                        break
-                except OSError:
-                    time.sleep(0.05)
+            wait_for(lambda: _healthy(url), 30, "the proxy to start")
             for _ in range(150):
                 clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
             # Let the loop run into the limit for a while: every retry would log a line.
@@ -263,15 +266,7 @@ def test_accept_failures_are_logged_once_per_interval(tmp_path: Path) -> None:
             for sock in clients:
                 sock.close()
             clients.clear()
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if http("GET", url, timeout=2).status_code == 200:
-                        break
-                except OSError:
-                    time.sleep(0.1)
-            else:
-                pytest.fail("/healthz did not come back")
+            wait_for(lambda: _healthy(url), 30, "/healthz to come back")
         finally:
             for sock in clients:
                 sock.close()
