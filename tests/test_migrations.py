@@ -36,11 +36,16 @@ OLD_BREAKDOWN = {"model": "gpt-4o-audio-preview", "period": "2024-10-01", "class
     "web_search": {"requests": 1, "usd_per_1000": "25", "usd": "0.025"}}}
 
 
-def _old_row(i: int) -> dict[str, Any]:
-    return {"id": f"old{i:03d}", "ts": f"2026-11-0{1 + i % 9}T00:00:00.000000Z",
+def _old_row(i: int, stop_before: str) -> dict[str, Any]:
+    """A row as the proxy that stopped before `stop_before` wrote it: before m004 the audio
+    and search counts lived only in the breakdown, from m004 on in their columns too."""
+    row = {"id": f"old{i:03d}", "ts": f"2026-11-0{1 + i % 9}T00:00:00.000000Z",
             "outcome": "ok", "provider": "openai", "model": "gpt-4o-audio-preview",
             "customer": "acme", "input_tokens": 1200, "output_tokens": 10,
             "cost_usd": 0.0356, "cost_breakdown": orjson.dumps(OLD_BREAKDOWN).decode()}
+    if NAMES.index(stop_before) > NAMES.index("m004_token_classes"):
+        row |= {"audio_input_tokens": 200, "web_search_requests": 1}
+    return row
 
 
 def _sqlite_schema(path: Path) -> list[tuple[str, str, str]]:
@@ -77,7 +82,7 @@ def test_sqlite_upgrades_from_each_older_schema(tmp_path: Path, stop_before: str
     sqlite_log.migrate(blank)
     db = sqlite_utils.Database(old)
     sqlite_log.migrations.apply(db, stop_before=stop_before)
-    db["usage"].insert_all([_old_row(i) for i in range(20)])
+    db["usage"].insert_all([_old_row(i, stop_before) for i in range(20)])
     db.close()
     applied = sqlite_log.migrate(old)
     assert applied == NAMES[NAMES.index(stop_before):]
@@ -91,6 +96,8 @@ def test_sqlite_upgrades_from_each_older_schema(tmp_path: Path, stop_before: str
         assert (row["input_tokens"], row["output_tokens"]) == (1200, 10)
         assert (row["audio_input_tokens"], row["web_search_requests"]) == (200, 1)
         assert row["image_input_tokens"] == row["cache_write_12h_tokens"] == 0
+        # m005: each old row stands for one call and has no prefix fingerprint.
+        assert (row["repeat_count"], row["prefix_hash"], row["prefix_tokens"]) == (1, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +139,14 @@ def test_postgres_upgrades_from_each_older_schema(pg_url: str, stop_before: str)
         finally:
             pg_log.migrations[:] = saved
         for i in range(20):
-            row = _old_row(i)
+            row = _old_row(i, stop_before)
             conn.execute(f"INSERT INTO usage ({', '.join(row)}) "
                          f"VALUES ({', '.join('%s' for _ in row)})", list(row.values()))
         assert pg_log.migrate(conn) == NAMES[NAMES.index(stop_before):]
         assert _pg_schema(conn) == blank
         rows = conn.execute("SELECT input_tokens, audio_input_tokens, web_search_requests, "
-                            "image_input_tokens FROM usage").fetchall()
-    assert rows == [(1200, 200, 1, 0)] * 20
+                            "image_input_tokens, repeat_count, prefix_hash FROM usage").fetchall()
+    assert rows == [(1200, 200, 1, 0, 1, None)] * 20
 
 
 def test_rows_round_trip_every_class(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from proxy.storage.shipped import (
     M004_BACKFILL,
     M004_COLUMNS,
     M004_COVERED,
+    M005_COLUMNS,
 )
 
 log = structlog.get_logger("meterproxy.usage_log")
@@ -126,6 +127,15 @@ def m004_token_classes(conn: psycopg.Connection) -> None:
         conn.execute(f"DROP INDEX idx_usage_{column}_cover")
         conn.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage ({key}) "
                      f"INCLUDE ({M004_COVERED})")
+
+
+
+@migration
+def m005_call_shape(conn: psycopg.Connection) -> None:
+    # Folded refusals and the stable-prefix fingerprint; old rows each stand for one call
+    # and have no fingerprint.
+    for column, kind in M005_COLUMNS:
+        conn.execute(f"ALTER TABLE usage ADD COLUMN {column} {kind}")
 
 
 def dsn(url: str) -> str:

@@ -36,15 +36,18 @@ def _values(self: Any) -> tuple:
 # later migrations added follow at the end, where ALTER TABLE put them.
 _FIRST = tuple((c.column, int, 0) for c in CLASSES if c.since == "m001_usage")
 _LATER = tuple((c.column, int, 0) for c in CLASSES if c.since != "m001_usage")
+# m005_call_shape: how many identical refusals a row stands for, and the hash and token
+# length of the prompt's stable prefix (never its text), for the savings advisor.
+_M005 = (("repeat_count", int, 1), ("prefix_hash", str | None), ("prefix_tokens", int | None))
 
 UsageRow = make_dataclass(
     "UsageRow",
-    [_spec(*spec) for spec in (*_CALL, *_FIRST, *_RESULT, *_LATER)],
+    [_spec(*spec) for spec in (*_CALL, *_FIRST, *_RESULT, *_LATER, *_M005)],
     slots=True,
     namespace={"values": _values, "__module__": __name__,
                "__doc__": 'A call as the usage log stores it (DESIGN.md, section 3, "Usage '
                           'log"); token columns come from proxy.token_classes.'},
 )
 
-COLUMNS: tuple[str, ...] = tuple(spec[0] for spec in (*_CALL, *_FIRST, *_RESULT, *_LATER))
+COLUMNS: tuple[str, ...] = tuple(spec[0] for spec in (*_CALL, *_FIRST, *_RESULT, *_LATER, *_M005))
 _getter = attrgetter(*COLUMNS)

@@ -57,3 +57,10 @@ M004_COVERED = (f"{M003_COVERED}, audio_input_tokens, image_input_tokens, video_
 M004_BACKFILL = (("audio_input_tokens", "audio_input", "tokens"),
                  ("audio_output_tokens", "audio_output", "tokens"),
                  ("web_search_requests", "web_search", "requests"))
+
+# m005_call_shape: a row may stand for several identical refusals from one key within a
+# second (repeat_count), and records the hash and token length of the prompt's stable
+# prefix (system prompt, tools, first messages; never the text) for the savings advisor.
+M005_COLUMNS = (("repeat_count", "INTEGER NOT NULL DEFAULT 1"),
+                ("prefix_hash", "TEXT"),
+                ("prefix_tokens", "INTEGER"))

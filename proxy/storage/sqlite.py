@@ -21,6 +21,7 @@ from proxy.storage.shipped import (
     M004_BACKFILL,
     M004_COLUMNS,
     M004_COVERED,
+    M005_COLUMNS,
 )
 
 migrations = Migrations("meterproxy")
@@ -107,6 +108,15 @@ def m004_token_classes(db: sqlite_utils.Database) -> None:
     for column, key in M003_COVER_KEYS:
         db.execute(f"DROP INDEX idx_usage_{column}_cover")
         db.execute(f"CREATE INDEX idx_usage_{column}_cover ON usage ({key}, {M004_COVERED})")
+
+
+
+@migrations()
+def m005_call_shape(db: sqlite_utils.Database) -> None:
+    # Folded refusals and the stable-prefix fingerprint; old rows each stand for one call
+    # and have no fingerprint.
+    for column, kind in M005_COLUMNS:
+        db.execute(f"ALTER TABLE usage ADD COLUMN {column} {kind}")
 
 
 def sqlite_path(url: str) -> Path:
