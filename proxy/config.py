@@ -83,6 +83,8 @@ class StorageConfig:
     max_backlog_rows: int = 100_000
     ledger_failure: LedgerFailure = LedgerFailure.CLOSED
     spool_dir: str = "meterproxy-spool"
+    # The secret that keys the stable-prefix hashes (proxy.fingerprint); unset: a file.
+    prefix_secret_env: str = "METERPROXY_PREFIX_SECRET"
 
 
 @dataclass(frozen=True)

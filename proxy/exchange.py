@@ -81,6 +81,8 @@ class Exchange:
     cost_breakdown: dict[str, Any] | None = None
     pricing_version: str | None = None
     priced: bool = True
+    prefix_hash: str | None = None
+    prefix_tokens: int | None = None
     recorded: bool = False
 
     @classmethod

@@ -92,6 +92,8 @@ class Services:
     tasks: Tasks
     clock: Callable[[], datetime] | None = None
     telemetry: Telemetry | None = None  # OpenTelemetry, when telemetry.otlp_endpoint is set
+    # Keys the stable-prefix hashes (proxy.fingerprint): one per install, never logged.
+    prefix_secret: bytes = field(default=b"", repr=False)
     # (pricing table, model) pairs already warned about, so each is logged once.
     unpriced_warned: set[tuple[str, str | None]] = field(default_factory=set)
 

@@ -8,6 +8,7 @@ the first snapshot; `reload` builds a new one off the event loop and swaps `curr
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ import aiohttp
 import structlog
 
 from proxy.config import Settings
+from proxy.fingerprint import load_secret, secret_path
 from proxy.metrics import Metrics, gauge
 from proxy.reconcile.schedule import ReconcileSchedule
 from proxy.reconcile.schedule import interval as reconcile_interval
@@ -74,6 +76,14 @@ class Server:
 
         writer, ledger = await loop.run_in_executor(None, open_storage)
         try:
+            prefix_secret = await loop.run_in_executor(
+                None, load_secret, os.environ.get(storage.prefix_secret_env),
+                secret_path(storage.usage_log, storage.spool_dir))
+        except BaseException:
+            await loop.run_in_executor(None, writer.close)
+            await ledger.close()
+            raise
+        try:
             telemetry = await loop.run_in_executor(None, open_telemetry, settings.telemetry)
         except BaseException:
             await loop.run_in_executor(None, writer.close)
@@ -95,7 +105,8 @@ class Server:
 
         metrics = Metrics(known_model, known_key)
         services = Services(session=session, writer=writer, ledger=ledger, metrics=metrics,
-                            tasks=Tasks(), clock=clock, telemetry=telemetry)
+                            tasks=Tasks(), clock=clock, telemetry=telemetry,
+                            prefix_secret=prefix_secret)
         try:
             first = await build_runtime(settings, services)
         except BaseException:

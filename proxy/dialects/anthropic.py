@@ -25,6 +25,7 @@ from proxy.dialects.base import (
     Metered,
     TextTally,
     bearer,
+    listed,
     load_body,
     positive_int,
 )
@@ -119,6 +120,29 @@ class AnthropicDialect:
         if body.get("tools"):
             texts.append(orjson.dumps(body["tools"]).decode())
         return texts, 0
+
+    def split_prefix(self, call: Call, payload: Any) -> tuple[list[Any], list[Any]] | None:
+        # Anthropic caches up to a breakpoint (`cache_control`) in the order tools, system,
+        # messages: with breakpoints the stable part ends at the last one; without, it is
+        # everything before the newest message.
+        if call.endpoint != "messages" or not isinstance(payload, dict):
+            return None
+        system = payload.get("system")
+        units: list[Any] = [["tool", t] for t in listed(payload.get("tools"))]
+        units += [["system", b] for b in (system if isinstance(system, list)
+                                          else [system] if system else [])]
+        newest = len(units)
+        for message in listed(payload.get("messages")):
+            message = message if isinstance(message, dict) else {}
+            newest = len(units)
+            units.append(["turn", message.get("role")])
+            content = message.get("content")
+            units += [["block", b] for b in (content if isinstance(content, list)
+                                             else [content])]
+        marked = [i for i, (_, value) in enumerate(units)
+                  if isinstance(value, dict) and value.get("cache_control")]
+        cut = marked[-1] + 1 if marked else newest
+        return units[:cut], units[cut:]
 
     def error_body(self, error: MeterError) -> bytes:
         return orjson.dumps({"type": "error",

@@ -111,6 +111,11 @@ class Dialect(Protocol):
     def prompt_texts(self, call: Call, payload: Any) -> tuple[list[str], int]:
         """The prompt's text pieces and the fixed per-message token overhead to add."""
 
+    def split_prefix(self, call: Call, payload: Any) -> tuple[list[Any], list[Any]] | None:
+        """The request's stable prefix (what a prompt cache could serve again: system
+        prompt, tools, leading messages) and the rest, as JSON values in prompt order;
+        None for a call with no prompt to cache (docs/advise.md, "Stable prefix")."""
+
     def error_body(self, error: MeterError) -> bytes:
         """The provider's own error shape, so SDKs raise their usual exceptions."""
 
@@ -180,6 +185,17 @@ def version_free(path: str) -> list[str]:
     if parts and re.fullmatch(r"v\d+\w*", parts[0]):
         parts = parts[1:]
     return parts
+
+
+def listed(value: Any) -> list[Any]:
+    """A JSON array, or an empty one for anything else."""
+    return value if isinstance(value, list) else []
+
+
+def labelled(*pairs: tuple[str, Any]) -> list[Any]:
+    """Prefix parts with their names ([name, value]), leaving out empty ones, so a tool and
+    a message with the same JSON never hash alike."""
+    return [[name, value] for name, value in pairs if value not in (None, "", [], {})]
 
 
 def positive_int(value: Any) -> int | None:

@@ -28,6 +28,7 @@ from proxy.dialects.base import (
     DialectSpec,
     Metered,
     TextTally,
+    labelled,
     load_body,
     positive_int,
     version_free,
@@ -143,6 +144,21 @@ class GeminiDialect:
         if body.get("tools"):
             texts.append(orjson.dumps(body["tools"]).decode())
         return texts, 0
+
+    def split_prefix(self, call: Call, payload: Any) -> tuple[list[Any], list[Any]] | None:
+        # Gemini caches implicitly by prefix, or explicitly by a named cachedContent: the
+        # stable part is the system instruction, tools and every turn but the newest.
+        if call.endpoint in _EMBED or not isinstance(payload, dict):
+            return None
+        contents = payload.get("contents")
+        turns = contents if isinstance(contents, list) else [contents]
+        stable = labelled(
+            ("system", payload.get("systemInstruction", payload.get("system_instruction"))),
+            ("tools", payload.get("tools")),
+            ("tool_config", payload.get("toolConfig", payload.get("tool_config"))),
+            ("cached_content", payload.get("cachedContent", payload.get("cached_content"))),
+            ("contents", turns[:-1]))
+        return stable, turns[-1:]
 
     def error_body(self, error: MeterError) -> bytes:
         message = error.message

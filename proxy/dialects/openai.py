@@ -25,6 +25,8 @@ from proxy.dialects.base import (
     Metered,
     TextTally,
     bearer,
+    labelled,
+    listed,
     load_body,
     positive_int,
     version_free,
@@ -197,6 +199,29 @@ class OpenAIDialect:
             else:
                 _collect_text(value, texts)
         return texts, overhead
+
+    def split_prefix(self, call: Call, payload: Any) -> tuple[list[Any], list[Any]] | None:
+        # OpenAI caches the longest prompt prefix it has seen (1,024 tokens and up), with
+        # no breakpoints: the stable part is the tools, the output schema and every
+        # message but the newest one.
+        if not isinstance(payload, dict):
+            return None
+        if call.endpoint == "chat.completions":
+            messages = listed(payload.get("messages"))
+            stable = labelled(("tools", payload.get("tools")),
+                              ("response_format", payload.get("response_format")),
+                              ("messages", messages[:-1]))
+            return stable, messages[-1:]
+        if call.endpoint == "responses":
+            given = payload.get("input")
+            items = listed(given)
+            stable = labelled(("instructions", payload.get("instructions")),
+                              ("prompt", payload.get("prompt")),
+                              ("tools", payload.get("tools")),
+                              ("text", payload.get("text")),
+                              ("input", items[:-1]))
+            return stable, items[-1:] if items else [given]
+        return None
 
     def error_body(self, error: MeterError) -> bytes:
         kind, code = _ERRORS[error.kind]

@@ -16,6 +16,7 @@ import structlog
 
 from proxy import tokens
 from proxy.exchange import Exchange
+from proxy.fingerprint import fingerprint
 from proxy.outcome import Outcome, UsageSource
 from proxy.pricing import cost, rounded
 from proxy.runtime import Runtime
@@ -188,10 +189,29 @@ def row_of(x: Exchange, duration: float | None) -> UsageRow:
         tags=orjson.dumps(x.tags).decode() if x.tags else None,
         upstream_request_id=x.upstream_request_id,
         error=x.error,
+        prefix_hash=x.prefix_hash,
+        prefix_tokens=x.prefix_tokens,
     )
 
 
+def fingerprint_prefix(rt: Runtime, x: Exchange) -> None:
+    """The hash and token share of the call's stable prompt prefix (proxy.fingerprint),
+    for the advisor; bounded work, after the answer has gone, never failing the row."""
+    if not (x.call.metered and x.forwarded and isinstance(x.payload, dict)):
+        return
+    try:
+        split = x.dialect.split_prefix(x.call, x.payload)
+        found = fingerprint(*split, rt.services.prefix_secret) if split else None
+    except Exception:  # a shape no dialect foresaw: no fingerprint, the row stands
+        log.exception("prefix_fingerprint_failed", request_id=x.id)
+        return
+    if found is not None:
+        x.prefix_hash = found.hash
+        x.prefix_tokens = found.tokens(x.usage.prompt_tokens if x.usage is not None else 0)
+
+
 def _write(rt: Runtime, x: Exchange, duration: float) -> None:
+    fingerprint_prefix(rt, x)
     row = row_of(x, duration)
     usage = x.usage or Usage()
     rt.writer.submit(row)
