@@ -5,6 +5,9 @@ output limit at the output price) is held against every budget that applies, in 
 atomic ledger step; if any would go over, nothing is forwarded. When the call ends, the
 hold is replaced by the actual cost. So concurrent calls cannot together overspend a
 budget by more than the estimation error.
+
+Rate limits (proxy.ratelimits) are checked in that same ledger step, and a budget scoped on
+`trace` gives each agent run its own budget (`{trace: "*"}`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from proxy import tokens
 from proxy.config import BudgetConfig, Enforce, LedgerFailure, Period, Settings, Unpriced
 from proxy.errors import Kind, MeterError
 from proxy.pricing import PriceBook, cost
+from proxy.ratelimits import RateLimit, RateLimited
 from proxy.storage import LedgerUnavailable
 from proxy.storage.ledger import ZERO, Balance, Hold, Ledger
 from proxy.storage.readers import LogReader
@@ -40,6 +44,24 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Prompts longer than this are counted in a thread so the event loop keeps moving.
 # Held for context a provider keeps (previous_response_id) when the table has no window.
 DEFAULT_CONTEXT_WINDOW = 200_000
+# A per-trace budget of period `total` is forgotten this long after its trace's last call:
+# trace ids are per run, so their counters would otherwise pile up for ever.
+TRACE_IDLE_S = 86_400
+
+
+def scope_of(scope: tuple[tuple[str, str], ...], attrs: dict[str, str | None]) -> str | None:
+    """`customer=acme,feature=search` for a call a scope covers, else None (budgets and rate
+    limits share it).
+
+    Values are percent-encoded, so any value (commas, `=`, `/`, `@`, quotes, non-ASCII)
+    keeps the scope and the ledger key built from it unambiguous (_attrs_of)."""
+    parts = []
+    for dim, want in scope:
+        got = attrs.get(dim)
+        if got is None or (want != "*" and got != want):
+            return None
+        parts.append(f"{dim}={quote(str(got), safe='')}")
+    return ",".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,17 +77,24 @@ class Budget:
     block: bool
 
     def concrete_scope(self, attrs: dict[str, str | None]) -> str | None:
-        """`customer=acme,feature=search` for a call this budget covers, else None.
+        """`customer=acme,feature=search` for a call this budget covers, else None."""
+        return scope_of(self.scope, attrs)
 
-        Values are percent-encoded, so any value (commas, `=`, `/`, `@`, quotes, non-ASCII)
-        keeps the scope and the ledger key built from it unambiguous (_attrs_of)."""
-        parts = []
-        for dim, want in self.scope:
-            got = attrs.get(dim)
-            if got is None or (want != "*" and got != want):
-                return None
-            parts.append(f"{dim}={quote(str(got), safe='')}")
-        return ",".join(parts)
+    @property
+    def per_trace(self) -> bool:
+        """One budget per agent run: no threshold alerts, no listing (one per trace id)."""
+        return any(dim == "trace" for dim, _ in self.scope)
+
+    @property
+    def idle_s(self) -> int:
+        """Seconds without a call after which the ledger forgets a scope (0: never)."""
+        return TRACE_IDLE_S if self.per_trace and self.period == "total" else 0
+
+    def rebuild_since(self, now: datetime) -> datetime:
+        """Where the usage-log rebuild of this budget starts: its period's start, or for an
+        expiring per-trace budget the idle time ago (an older run is forgotten anyway)."""
+        start = self.bounds(now)[0]
+        return max(start, now - timedelta(seconds=self.idle_s)) if self.idle_s else start
 
     def bounds(self, now: datetime) -> tuple[datetime, datetime | None]:
         """The start and end (UTC) of the period containing `now`; `total` never ends."""
@@ -124,8 +153,10 @@ def budgets_from(settings: Settings) -> list[Budget]:
 
 
 def call_attrs(key: str | None, customer: str | None, feature: str | None,
-               tags: dict[str, str] | None) -> dict[str, str | None]:
-    attrs: dict[str, str | None] = {"key": key, "customer": customer, "feature": feature}
+               tags: dict[str, str] | None, trace: str | None = None
+               ) -> dict[str, str | None]:
+    attrs: dict[str, str | None] = {"key": key, "customer": customer, "feature": feature,
+                                    "trace": trace}
     for name, value in (tags or {}).items():
         attrs[f"tag:{name}"] = value
     return attrs
@@ -134,6 +165,7 @@ def call_attrs(key: str | None, customer: str | None, feature: str | None,
 @dataclass(slots=True)
 class Reservation:
     holds: list[tuple[Budget, str, Hold]]
+    windows: int = 0  # rate windows the call was entered in (settled by the ledger)
     unreserved: bool = False  # admitted while the ledger was unreachable (policy open)
 
 
@@ -156,6 +188,8 @@ class Alerts:
 
     def observe(self, budget: Budget, scope: str, hold_key: str, balance: Balance,
                 *, quiet: bool = False) -> None:
+        if budget.per_trace:
+            return  # one per agent run: its refusal is the signal, not thresholds
         if budget.limit_usd is not None and budget.limit_usd > 0:
             ratio = balance.spent_usd / budget.limit_usd
         elif budget.limit_tokens:
@@ -208,8 +242,10 @@ class Budgets:
 
     def __init__(self, budgets: list[Budget], ledger: Ledger, prices: PriceBook,
                  settings: Settings, alerts: Alerts, spawn: Callable[[Any], None],
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None,
+                 limits: list[RateLimit] | None = None) -> None:
         self.budgets = budgets
+        self.limits = limits or []
         self.ledger = ledger
         self.prices = prices
         self.ttl_s = settings.reservations.ttl_s
@@ -232,11 +268,22 @@ class Budgets:
                 found.append((budget, scope, budget.key(scope, start), end))
         return found
 
+    def windows_of(self, attrs: dict[str, str | None]) -> list[tuple[RateLimit, str]]:
+        found = []
+        for limit in self.limits:
+            scope = scope_of(limit.scope, attrs)
+            if scope is not None:
+                found.append((limit, scope))
+        return found
+
     async def reserve(self, x: Exchange) -> None:
-        """Hold the call's maximum cost on every budget that applies, or refuse it (429)."""
+        """Hold the call's maximum cost on every budget that applies and enter it in every
+        rate window that applies, or refuse it (429)."""
         now = x.started
-        applicable = self.applicable(call_attrs(x.key_name, x.customer, x.feature, x.tags), now)
-        if not applicable:
+        attrs = call_attrs(x.key_name, x.customer, x.feature, x.tags, x.trace_id)
+        applicable = self.applicable(attrs, now)
+        limits = self.windows_of(attrs) if self.limits else []
+        if not applicable and not limits:
             return
         usd_budget = next(((b, scope) for b, scope, _, _ in applicable
                            if b.block and b.limit_usd is not None), None)
@@ -246,14 +293,25 @@ class Budgets:
                     Kind.PERMISSION, f"endpoint_not_metered: {x.call.endpoint} is open but not "
                     f"metered, so it cannot run under {usd_budget[0].describe(usd_budget[1])}",
                     code="endpoint_not_metered")
-            return
-        usd, count = await self.estimate(x, now, usd_budget)
+            if not any(limit.requests is not None for limit, _ in limits):
+                return
+            applicable = []  # only its requests are counted
+        if applicable or any(limit.counts_amounts for limit, _ in limits):
+            # A USD rate limit, like a USD budget, cannot count a model with no price.
+            priced_for = usd_budget or next(((limit, scope) for limit, scope in limits
+                                             if limit.usd is not None), None)
+            usd, count = await self.estimate(x, now, priced_for)
+        else:
+            usd, count = ZERO, 0  # requests-only limits: no need to count the prompt
         holds = [Hold(key=key, usd=usd, tokens=count, limit_usd=b.limit_usd,
-                      limit_tokens=b.limit_tokens, block=b.block, period_end=end)
+                      limit_tokens=b.limit_tokens, block=b.block, period_end=end,
+                      idle_s=b.idle_s)
                  for b, _, key, end in applicable]
+        windows = [limit.window(scope, count, usd) for limit, scope in limits]
         # Shielded: a client that goes away mid-reserve must not leave a hold behind, so
         # a reserve that completes after the cancel is released at once.
-        pending = asyncio.ensure_future(self.ledger.reserve(x.id, holds, self.ttl_s))
+        pending = asyncio.ensure_future(self.ledger.reserve(x.id, holds, self.ttl_s,
+                                                            windows, self.clock()))
         try:
             result = await asyncio.shield(pending)
         except asyncio.CancelledError:
@@ -270,6 +328,9 @@ class Budgets:
                                          in zip(applicable, holds, strict=True)],
                                         unreserved=True)
             return
+        if result.limited is not None:
+            limit, scope = limits[windows.index(result.limited)]
+            raise RateLimited(limit, scope, result.retry_after_s)
         if result.refused is not None:
             budget, scope, _, end = applicable[holds.index(result.refused)]
             headers = {"x-should-retry": "false"}
@@ -284,7 +345,7 @@ class Budgets:
                              f"call; {when}", headers=headers,
                              status=status or self.refusal_status)
         x.reservation = Reservation([(b, scope, h) for (b, scope, _, _), h
-                                     in zip(applicable, holds, strict=True)])
+                                     in zip(applicable, holds, strict=True)], len(windows))
         # Only the caller's own key budgets: another scope's balance is not its business.
         remaining = [h.limit_usd - bal.spent_usd - bal.reserved_usd
                      for (b, _, _, _), h, bal in zip(applicable, holds, result.balances,
@@ -301,7 +362,8 @@ class Budgets:
             self.spawn(self.ledger.settle(call_id, ZERO, 0))
 
     async def estimate(self, x: Exchange, now: datetime,
-                       usd_budget: tuple[Budget, str] | None = None) -> tuple[Decimal, int]:
+                       usd_budget: tuple[Budget | RateLimit, str] | None = None
+                       ) -> tuple[Decimal, int]:
         """The call's most expensive outcome: its prompt (with any context the provider
         keeps for it) plus its whole output allowance for every answer it asks for.
 
@@ -444,10 +506,10 @@ def spend_from_log(reader: LogReader, budgets: list[Budget], now: datetime
     """
     if not budgets:
         return {}
-    since = min(b.bounds(now)[0] for b in budgets)
+    since = min(b.rebuild_since(now) for b in budgets)
     dims = sorted({dim for b in budgets for dim, _ in b.scope})
     totals: dict[tuple[str, str], tuple[Decimal, int]] = {}
-    periods = [(b, *b.bounds(now)) for b in budgets]
+    periods = [(b, b.rebuild_since(now), b.bounds(now)[1]) for b in budgets]
     for spent in reader.spend_by_hour(dims, since):
         for budget, start, end in periods:
             scope = budget.concrete_scope(spent.attrs)

@@ -124,6 +124,27 @@ class BudgetConfig:
     timezone: str = "UTC"
 
 
+class Per(StrEnum):
+    """The length of a rate limit's sliding window."""
+
+    SECOND = "second"
+    MINUTE = "minute"
+    HOUR = "hour"
+
+
+PER_SECONDS = {Per.SECOND: 1, Per.MINUTE: 60, Per.HOUR: 3600}
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    name: str | None = None
+    scope: dict[str, str] = field(default_factory=dict)
+    per: Per = Per.MINUTE
+    requests: int | None = None
+    tokens: int | None = None
+    usd: float | None = None
+
+
 @dataclass(frozen=True)
 class KeyConfig:
     name: str = ""
@@ -206,6 +227,7 @@ class Settings:
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     keys: list[KeyConfig] = field(default_factory=list)
     budgets: list[BudgetConfig] = field(default_factory=list)
+    rate_limits: list[RateLimitConfig] = field(default_factory=list)
     reservations: ReservationsConfig = field(default_factory=ReservationsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -223,7 +245,7 @@ class Settings:
         return conf.pricing or provider
 
 
-SCOPE_KEYS = ("key", "customer", "feature")
+SCOPE_KEYS = ("key", "customer", "feature", "trace")
 # Statuses a budget refusal may take: no client retries 402 or 403 (some retry every 429).
 REFUSAL_STATUSES = (429, 402, 403)
 
@@ -338,6 +360,13 @@ def _validate(s: Settings) -> None:
         _validate_budget(b, f"budgets[{i}]", fail)
         if not b.scope:
             fail(f"budgets[{i}].scope", "is required (e.g. {customer: acme})")
+    names: dict[str, int] = {}
+    for i, r in enumerate(s.rate_limits):
+        _validate_rate_limit(r, f"rate_limits[{i}]", fail)
+        if r.name is not None:
+            if r.name in names:
+                fail(f"rate_limits[{i}].name", f"repeats rate_limits[{names[r.name]}]")
+            names[r.name] = i
     for t in s.alerts.thresholds:
         if not 0 < t <= 10:
             fail("alerts.thresholds", f"each threshold is a fraction of the limit, not {t}")
@@ -396,9 +425,29 @@ def _validate_budget(b: BudgetConfig, path: str, fail: Any) -> None:
         ZoneInfo(b.timezone)
     except (ZoneInfoNotFoundError, ValueError):
         fail(f"{path}.timezone", f"unknown time zone {b.timezone!r}")
-    for dim in b.scope:
+    _validate_scope(b.scope, f"{path}.scope", fail)
+
+
+def _validate_scope(scope: dict[str, str], path: str, fail: Any) -> None:
+    """The scope syntax budgets and rate limits share."""
+    for dim, value in scope.items():
         if dim not in SCOPE_KEYS and not dim.startswith("tag:"):
-            fail(f"{path}.scope.{dim}", "scopes take key, customer, feature or tag:NAME")
+            fail(f"{path}.{dim}", "scopes take key, customer, feature, trace or tag:NAME")
+        if not value:
+            fail(f"{path}.{dim}", 'needs a value, or "*" for each value separately')
+
+
+def _validate_rate_limit(r: RateLimitConfig, path: str, fail: Any) -> None:
+    if not r.scope:
+        fail(f"{path}.scope", "is required (e.g. {key: search-team}, or {customer: \"*\"})")
+    _validate_scope(r.scope, f"{path}.scope", fail)
+    if r.requests is None and r.tokens is None and r.usd is None:
+        fail(path, "needs requests, tokens or usd (the most a window may hold)")
+    for name in ("requests", "tokens", "usd"):
+        value = getattr(r, name)
+        if value is not None and value <= 0:
+            fail(f"{path}.{name}", f"must be positive, not {value!r} (to refuse every call, "
+                 "use a key's models list or remove the key)")
 
 
 def _build(cls: type, data: Any, path: str, source: str) -> Any:

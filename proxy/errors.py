@@ -17,6 +17,7 @@ class Kind(Enum):
     TOO_LARGE = "too_large"
     REQUEST_TIMEOUT = "request_timeout"
     BUDGET_EXCEEDED = "budget_exceeded"
+    RATE_LIMITED = "rate_limited"
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UNAVAILABLE = "unavailable"
@@ -31,6 +32,7 @@ STATUS = {
     Kind.TOO_LARGE: 413,
     Kind.REQUEST_TIMEOUT: 408,
     Kind.BUDGET_EXCEEDED: 429,
+    Kind.RATE_LIMITED: 429,
     Kind.UPSTREAM_UNREACHABLE: 502,
     Kind.UPSTREAM_TIMEOUT: 504,
     Kind.UNAVAILABLE: 503,
@@ -40,6 +42,7 @@ STATUS = {
 # The usage-log outcome of a call the proxy ended with this kind of error.
 OUTCOME = {
     Kind.BUDGET_EXCEEDED: Outcome.BUDGET_EXCEEDED,
+    Kind.RATE_LIMITED: Outcome.RATE_LIMITED,
     Kind.UPSTREAM_UNREACHABLE: Outcome.UPSTREAM_ERROR,
     Kind.UPSTREAM_TIMEOUT: Outcome.UPSTREAM_ERROR,
     Kind.INTERNAL: Outcome.PROXY_ERROR,
@@ -48,6 +51,7 @@ OUTCOME = {
 
 
 # Refusals a retry cannot change: SDKs retry 429 and 5xx unless told `x-should-retry: false`.
+# A rate limit is not one of them: waiting `Retry-After` admits the call.
 FINAL = frozenset({Kind.BUDGET_EXCEEDED, Kind.INVALID_REQUEST, Kind.AUTHENTICATION,
                    Kind.PERMISSION, Kind.NOT_FOUND, Kind.TOO_LARGE})
 

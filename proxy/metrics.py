@@ -3,7 +3,8 @@
 Labels are bounded: provider, outcome, the key's name only when the configuration names it
 (a passthrough fingerprint is `other`), and the model only when the pricing tables know it
 (otherwise `other`), so a client cannot blow up the series count. No customer or trace id
-is ever a label; budgets are labelled by their configured name. Durations are seconds.
+is ever a label; budgets and rate limits are labelled by their configured name. Durations
+are seconds.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ UNIT_CLASSES = tuple((BY_COLUMN[c].name, c) for c in UNIT_COLUMNS)
 Labels = tuple[tuple[str, str], ...]
 
 
-_COUNTERS = ("calls", "tokens", "units", "cost", "unpriced", "refused")
+_COUNTERS = ("calls", "tokens", "units", "cost", "unpriced", "refused", "rate_limited")
 _HISTOGRAMS = ("duration", "ttfb")
 
 
@@ -60,6 +61,8 @@ class Metrics:
         self.duration: defaultdict[Labels, Histogram] = defaultdict(Histogram)
         self.ttfb: defaultdict[Labels, Histogram] = defaultdict(Histogram)
         self.refused: defaultdict[Labels, int] = defaultdict(int)
+        # Calls a rate limit refused, by the limit's configured name (never its scope).
+        self.rate_limited: defaultdict[Labels, int] = defaultdict(int)
         self.refused_log = Sampled()  # a stranger's requests are counted, logged sampled
         self.gauges: list[Callable[[], Iterable[str]]] = []
         # `serve --workers N`: each worker writes its counters here and a scrape, whichever
@@ -152,6 +155,9 @@ class Metrics:
         _counter(out, "meterproxy_refused_total",
                  "Requests refused before any key was known (no usage row), by status.",
                  m.refused)
+        _counter(out, "meterproxy_rate_limited_total",
+                 "Calls refused by a rate limit, by the limit's configured name.",
+                 m.rate_limited)
         _histogram(out, "meterproxy_call_duration_seconds", "Call duration in seconds.",
                    m.duration)
         _histogram(out, "meterproxy_ttfb_seconds", "Time to the provider's first byte (s).",

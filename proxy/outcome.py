@@ -12,13 +12,15 @@ class Outcome(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     CLIENT_DISCONNECT = "client_disconnect"
     BUDGET_EXCEEDED = "budget_exceeded"
+    RATE_LIMITED = "rate_limited"
     REJECTED = "rejected"
     PROXY_ERROR = "proxy_error"
 
 
-# Outcomes counted as errors (the call failed) and as refusals (a budget said no).
+# Outcomes counted as errors (the call failed) and as refusals (a budget or rate limit
+# said no).
 ERROR_OUTCOMES = (Outcome.UPSTREAM_ERROR, Outcome.PROXY_ERROR, Outcome.REJECTED)
-REFUSAL_OUTCOMES = (Outcome.BUDGET_EXCEEDED,)
+REFUSAL_OUTCOMES = (Outcome.BUDGET_EXCEEDED, Outcome.RATE_LIMITED)
 
 
 class UsageSource(StrEnum):

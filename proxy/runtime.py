@@ -29,6 +29,7 @@ from proxy.dialects import for_name
 from proxy.dialects.base import Dialect
 from proxy.metrics import Metrics
 from proxy.pricing import PriceBook
+from proxy.ratelimits import RateLimit, rate_limits_from
 from proxy.storage import LedgerUnavailable, LogUnavailable
 from proxy.storage.ledger import Ledger
 from proxy.storage.readers import open_reader
@@ -157,6 +158,7 @@ class Resolved:
     prices: PriceBook
     admin_key: str | None
     budgets: list[Budget]
+    rate_limits: list[RateLimit]
 
 
 def resolve(settings: Settings) -> Resolved:
@@ -165,7 +167,7 @@ def resolve(settings: Settings) -> Resolved:
                     keys=MappingProxyType(key_index(settings)),
                     prices=PriceBook.load(settings.pricing.dir, settings.pricing.overrides),
                     admin_key=os.environ.get(settings.server.admin_key_env) or None,
-                    budgets=budgets_from(settings))
+                    budgets=budgets_from(settings), rate_limits=rate_limits_from(settings))
 
 
 async def build_runtime(settings: Settings, services: Services,
@@ -179,14 +181,14 @@ async def build_runtime(settings: Settings, services: Services,
     loop = asyncio.get_running_loop()
     parts = await loop.run_in_executor(None, resolve, settings)
     budgets = None
-    if parts.budgets:
+    if parts.budgets or parts.rate_limits:
         old = previous.budgets if previous is not None else None
         alerts = Alerts(settings.alerts.thresholds, settings.alerts.webhook_url,
                         services.tasks.spawn, services.session,
                         claim=services.ledger.claim_alert if services.ledger.shared else None,
                         fired=old.alerts.fired if old is not None else None)
         budgets = Budgets(parts.budgets, services.ledger, parts.prices, settings, alerts,
-                          services.tasks.spawn, services.clock)
+                          services.tasks.spawn, services.clock, parts.rate_limits)
         known = {b.identity for b in old.budgets} if old is not None else set()
         seen = {scope for _, scope, _ in old.alerts.utilisation.values()} if old else set()
         fresh = [b for b in parts.budgets if b.identity not in known]

@@ -572,8 +572,8 @@ async def _cancel_everywhere(settings: Any, url: str) -> None:
         for steps in range(40):
             x = SimpleNamespace(
                 id=f"call-{steps}", started=datetime.now(UTC), key_name="k", customer=None,
-                feature=None, tags={}, call=dialect.describe("POST", "/v1/chat/completions",
-                                                             payload),
+                feature=None, trace_id=None, tags={},
+                call=dialect.describe("POST", "/v1/chat/completions", payload),
                 dialect=dialect, payload=payload, body=body,
                 upstream=SimpleNamespace(name="openai", pricing_table="openai"),
                 reservation=None, budget_remaining=None, cost=None, usage=None)

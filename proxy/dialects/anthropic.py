@@ -41,6 +41,7 @@ _ERRORS = {
     Kind.TOO_LARGE: "request_too_large",
     Kind.REQUEST_TIMEOUT: "invalid_request_error",
     Kind.BUDGET_EXCEEDED: "budget_exceeded",
+    Kind.RATE_LIMITED: "rate_limited",
     Kind.UPSTREAM_UNREACHABLE: "api_error",
     Kind.UPSTREAM_TIMEOUT: "timeout_error",  # the SDK's type for a gateway timeout
     Kind.UNAVAILABLE: "api_error",

@@ -57,11 +57,13 @@ _ERRORS = {
     Kind.TOO_LARGE: "INVALID_ARGUMENT",
     Kind.REQUEST_TIMEOUT: "INVALID_ARGUMENT",
     Kind.BUDGET_EXCEEDED: "RESOURCE_EXHAUSTED",
+    Kind.RATE_LIMITED: "RESOURCE_EXHAUSTED",
     Kind.UPSTREAM_UNREACHABLE: "UNAVAILABLE",
     Kind.UPSTREAM_TIMEOUT: "DEADLINE_EXCEEDED",
     Kind.UNAVAILABLE: "UNAVAILABLE",
     Kind.INTERNAL: "INTERNAL",
 }
+_REASONS = {Kind.BUDGET_EXCEEDED: "budget_exceeded", Kind.RATE_LIMITED: "rate_limited"}
 
 
 class GeminiDialect:
@@ -162,8 +164,10 @@ class GeminiDialect:
 
     def error_body(self, error: MeterError) -> bytes:
         message = error.message
-        if error.kind is Kind.BUDGET_EXCEEDED and "budget_exceeded" not in message:
-            message = f"budget_exceeded: {message}"
+        # Both refusals are RESOURCE_EXHAUSTED here: the message's first word tells them apart.
+        reason = _REASONS.get(error.kind)
+        if reason is not None and reason not in message:
+            message = f"{reason}: {message}"
         return orjson.dumps({"error": {"code": error.status, "message": message,
                                        "status": _ERRORS[error.kind]}})
 

@@ -63,6 +63,7 @@ _ERRORS = {
     Kind.TOO_LARGE: ("invalid_request_error", "request_too_large"),
     Kind.REQUEST_TIMEOUT: ("invalid_request_error", "request_timeout"),
     Kind.BUDGET_EXCEEDED: ("budget_exceeded", "budget_exceeded"),
+    Kind.RATE_LIMITED: ("rate_limited", "rate_limited"),
     Kind.UPSTREAM_UNREACHABLE: ("server_error", "upstream_unreachable"),
     Kind.UPSTREAM_TIMEOUT: ("timeout", "upstream_timeout"),
     Kind.UNAVAILABLE: ("server_error", "service_unavailable"),

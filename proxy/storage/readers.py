@@ -27,6 +27,9 @@ from proxy.storage.sql import SQLITE, SqlFlavor
 from proxy.timeparse import to_ts
 from proxy.token_classes import PROMPT_COLUMNS
 
+# Budget scope dimensions whose usage-log column has another name.
+_COLUMN_OF = {"key": "key_name", "trace": "trace_id"}
+
 if TYPE_CHECKING:
     from proxy.storage.metered import MeteredDay
 
@@ -111,7 +114,7 @@ class LogReader:
 
     def spend_by_hour(self, dims: Sequence[str], since: datetime) -> list[HourSpend]:
         """Exact spend and tokens since `since`, per hour and per value of each dimension
-        (`key`, `customer`, `feature`, `tag:NAME`): one indexed range scan and a small
+        (`key`, `customer`, `feature`, `trace`, `tag:NAME`): one indexed range scan and a small
         aggregate, however many budgets read it."""
         exprs, params = [], []
         for dim in dims:
@@ -120,7 +123,7 @@ class LogReader:
                 exprs.append(expr)
                 params += extra
             else:
-                exprs.append("key_name" if dim == "key" else q_sql.dimension(dim)[0])
+                exprs.append(_COLUMN_OF.get(dim) or q_sql.dimension(dim)[0])
         n = len(dims)
         sql = (f"SELECT {''.join(e + ', ' for e in exprs)}substr(ts, 1, 13), "
                f"sum({self.flavor.cost_units}), "

@@ -7,17 +7,23 @@ USD (HINCRBY, compared as decimal strings in Lua), never as floats. Keys, under 
     {prefix}b:{budget key}   hash: spent, stok (settled usd units, tokens), rsv, rtok (held)
     {prefix}r:{budget key}   sorted set: `call|n|usd|tokens` per live hold, scored by expiry
     {prefix}c:{call id}      the call's holds, so a settle knows them and happens only once
+    {prefix}w:{window key}   sorted set: `call|n|tokens|usd` per call a rate limit admitted,
+                             scored by its admission time (ms, Redis server clock)
+    {prefix}ws:{window key}  hash: tok, usd: the sums of that set's entries
+    {prefix}cw:{call id}     the call's window entries, so its settle can correct them
     {prefix}seeded           set once spend has been rebuilt from the usage log
     {prefix}a:{key}:{t}      an alert threshold already announced (claim_alert)
 
-A budget period's keys expire an hour after the period ends; a hold expires after its TTL
-(server time), so a crashed instance's holds stop counting on their own.
+A budget period's keys expire an hour after the period ends (a per-trace `total` budget's
+after its idle time); a hold expires after its TTL (server time), so a crashed instance's
+holds stop counting on their own. A rate window's keys expire a minute after its last
+entry has left the window.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -31,13 +37,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from proxy.storage import LedgerUnavailable
-from proxy.storage.ledger import Balance, Hold, Reserved
+from proxy.storage.ledger import Balance, Hold, Reserved, Window
 
 log = structlog.get_logger("meterproxy.ledger")
 
 UNIT = Decimal("1e-10")  # one count of the integer money fields, in USD
 PERIOD_GRACE_MS = 3_600_000  # a period's keys outlive its end by an hour (late settles)
 SEED_TTL_MS = 40 * 86_400_000  # seeded keys expire unless a reserve sets the period's end
+WINDOW_GRACE_MS = 60_000  # a rate window's keys outlive its last entry by a minute
 RECORD_GRACE_MS = 86_400_000  # a call's record outlives its hold, so a late settle counts
 DEFAULT_TIMEOUT_S = 1.0
 DEFAULT_MAX_CONNECTIONS = 64  # per process; ?max_connections=N in the URL changes it
@@ -78,7 +85,7 @@ local function purge(b, r, now)
   for _, m in ipairs(stale) do
     local usd, tok = string.match(m, '|(%d+)|(%d+)$')
     redis.call('HINCRBY', b, 'rsv', neg(usd))
-    redis.call('HINCRBY', b, 'rtok', -tonumber(tok))
+    redis.call('HINCRBY', b, 'rtok', neg(tok))
   end
   if #stale > 0 then redis.call('ZREMRANGEBYSCORE', r, '-inf', now) end
 end
@@ -86,36 +93,80 @@ local function balance(b)
   local v = redis.call('HMGET', b, 'spent', 'rsv', 'stok', 'rtok')
   return {nn(v[1]), nn(v[2]), nn(v[3]), nn(v[4])}
 end
-local function expire(b, r, at)
+local function expire(b, r, at, idle)
   if at > 0 then
     redis.call('PEXPIREAT', b, at + GRACE)
     redis.call('PEXPIREAT', r, at + GRACE)
+  elseif idle and idle > 0 then
+    redis.call('PEXPIRE', b, idle)
+    redis.call('PEXPIRE', r, idle)
   else
     redis.call('PERSIST', b)
     redis.call('PERSIST', r)
   end
 end
+-- Rate windows: entries admitted `span` ms or longer ago leave the window.
+local function wpurge(w, s, now, span)
+  local stale = redis.call('ZRANGEBYSCORE', w, '-inf', now - span)
+  for _, m in ipairs(stale) do
+    local tok, usd = string.match(m, '|(%d+)|(%d+)$')
+    redis.call('HINCRBY', s, 'tok', neg(tok))
+    redis.call('HINCRBY', s, 'usd', neg(usd))
+  end
+  if #stale > 0 then redis.call('ZREMRANGEBYSCORE', w, '-inf', now - span) end
+end
+-- 0 if the call fits window (w, s) now, else the ms until it would, -1 if it never does.
+-- ARGV[a..a+6]: window key, span ms, tokens, usd units, max requests, tokens, usd ('' none).
+local function wwait(w, s, a, now)
+  local span, tok, usd = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local mreq, mtok, musd = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  if (mtok ~= '' and tok > tonumber(mtok)) or (musd ~= '' and gt(usd, musd)) then
+    return -1
+  end
+  local need = 0
+  if mreq ~= '' then need = redis.call('ZCARD', w) + 1 - tonumber(mreq) end
+  if mtok ~= '' or musd ~= '' then
+    local v = redis.call('HMGET', s, 'tok', 'usd')
+    local stok, susd = tonumber(nn(v[1])) + tok, add(nn(v[2]), usd)
+    local ftok, fusd, i = 0, '0', 0
+    local entries = nil
+    while (mtok ~= '' and stok - ftok > tonumber(mtok)) or
+          (musd ~= '' and gt(susd, add(musd, fusd))) do
+      if entries == nil then entries = redis.call('ZRANGE', w, 0, -1) end
+      i = i + 1
+      local etok, eusd = string.match(entries[i], '|(%d+)|(%d+)$')
+      ftok, fusd = ftok + tonumber(etok), add(fusd, eusd)
+    end
+    if i > need then need = i end
+  end
+  if need <= 0 then return 0 end
+  local e = redis.call('ZRANGE', w, need - 1, need - 1, 'WITHSCORES')
+  return tonumber(e[2]) + span - now
+end
 """.replace("GRACE", str(PERIOD_GRACE_MS))
 
-# KEYS: seeded marker, call record, then (budget hash, hold set) per hold.
-# ARGV: call id, hold ttl ms, record ttl ms, then per hold: ledger key, usd units, tokens,
-#       usd limit units or '', token limit or '', block 1|0, period end ms or 0.
+# KEYS: seeded marker, call record, window record, then (budget hash, hold set) per hold,
+#       then (window set, window sums) per rate window.
+# ARGV: call id, hold ttl ms, record ttl ms, number of holds, then per hold: ledger key, usd
+#       units, tokens, usd limit units or '', token limit or '', block 1|0, period end ms
+#       or 0, idle ms or 0; then per window the 7 values wwait reads.
 _RESERVE = _LIB + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unseeded'} end
-local n = (#KEYS - 2) / 2
+local n = tonumber(ARGV[4])
+local m = (#KEYS - 3 - 2 * n) / 2
 local out = {'ok'}
 if redis.call('EXISTS', KEYS[2]) == 1 then
   for i = 1, n do
-    for _, v in ipairs(balance(KEYS[1 + 2 * i])) do out[#out + 1] = v end
+    for _, v in ipairs(balance(KEYS[2 + 2 * i])) do out[#out + 1] = v end
   end
   return out
 end
 local now = now_ms()
-for i = 1, n do purge(KEYS[1 + 2 * i], KEYS[2 + 2 * i], now) end
+for i = 1, n do purge(KEYS[2 + 2 * i], KEYS[3 + 2 * i], now) end
 for i = 1, n do
-  local a = 4 + (i - 1) * 7
+  local a = 5 + (i - 1) * 8
   if ARGV[a + 5] == '1' then
-    local bal = balance(KEYS[1 + 2 * i])
+    local bal = balance(KEYS[2 + 2 * i])
     if ARGV[a + 3] ~= '' and gt(add(add(bal[1], bal[2]), ARGV[a + 1]), ARGV[a + 3]) then
       return {'refused', tostring(i)}
     end
@@ -125,39 +176,82 @@ for i = 1, n do
     end
   end
 end
+local wk, wa = 3 + 2 * n, 5 + 8 * n
+local worst, which = 0, 0
+for j = 1, m do
+  local w, s, a = KEYS[wk + 2 * j - 1], KEYS[wk + 2 * j], wa + (j - 1) * 7
+  wpurge(w, s, now, tonumber(ARGV[a + 1]))
+  local wait = wwait(w, s, a, now)
+  if wait ~= 0 and worst ~= -1 and (wait == -1 or wait > worst) then
+    worst, which = wait, j
+  end
+end
+if which > 0 then return {'limited', tostring(which), tostring(worst)} end
 local deadline = now + tonumber(ARGV[2])
 local record = {}
 for i = 1, n do
-  local a = 4 + (i - 1) * 7
-  local b, r = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local a = 5 + (i - 1) * 8
+  local b, r = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   redis.call('HINCRBY', b, 'rsv', ARGV[a + 1])
   redis.call('HINCRBY', b, 'rtok', ARGV[a + 2])
   redis.call('ZADD', r, deadline, ARGV[1] .. '|' .. i .. '|' .. ARGV[a + 1] .. '|' .. ARGV[a + 2])
-  expire(b, r, tonumber(ARGV[a + 6]))
-  record[i] = {ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 6]}
+  expire(b, r, tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]))
+  record[i] = {ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 6], ARGV[a + 7]}
   for _, v in ipairs(balance(b)) do out[#out + 1] = v end
 end
 redis.call('SET', KEYS[2], cjson.encode(record), 'PX', ARGV[3])
+if m > 0 then
+  local entered = {}
+  for j = 1, m do
+    local w, s, a = KEYS[wk + 2 * j - 1], KEYS[wk + 2 * j], wa + (j - 1) * 7
+    local member = ARGV[1] .. '|' .. j .. '|' .. ARGV[a + 2] .. '|' .. ARGV[a + 3]
+    redis.call('ZADD', w, now, member)
+    redis.call('HINCRBY', s, 'tok', ARGV[a + 2])
+    redis.call('HINCRBY', s, 'usd', ARGV[a + 3])
+    local keep = tonumber(ARGV[a + 1]) + WINDOW_GRACE
+    redis.call('PEXPIRE', w, keep)
+    redis.call('PEXPIRE', s, keep)
+    entered[j] = {w, s, member}
+  end
+  redis.call('SET', KEYS[3], cjson.encode(entered), 'PX', ARGV[3])
+end
 return out
-"""
+""".replace("WINDOW_GRACE", str(WINDOW_GRACE_MS))
 
-# KEYS: call record. ARGV: call id, usd units, tokens, key prefix.
-# The record is deleted in the same step, so a retried settle finds nothing to count.
+# KEYS: call record, window record. ARGV: call id, usd units, tokens, key prefix.
+# The records are deleted in the same step, so a retried settle finds nothing to count.
+# A window entry still in its window trades its estimate for the actual amounts.
 _SETTLE = _LIB + """
+local entered = redis.call('GET', KEYS[2])
+if entered then
+  redis.call('DEL', KEYS[2])
+  for j, e in ipairs(cjson.decode(entered)) do
+    local w, s, member = e[1], e[2], e[3]
+    local at = redis.call('ZSCORE', w, member)
+    if at then
+      local tok, usd = string.match(member, '|(%d+)|(%d+)$')
+      redis.call('ZREM', w, member)
+      redis.call('HINCRBY', s, 'tok', tonumber(ARGV[3]) - tonumber(tok))
+      redis.call('HINCRBY', s, 'usd', neg(usd))
+      redis.call('HINCRBY', s, 'usd', ARGV[2])
+      redis.call('ZADD', w, at, ARGV[1] .. '|' .. j .. '|' .. ARGV[3] .. '|' .. ARGV[2])
+    end
+  end
+end
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {} end
 redis.call('DEL', KEYS[1])
 local out = {}
 for i, h in ipairs(cjson.decode(raw)) do
-  local key, usd, tok, at = h[1], h[2], h[3], tonumber(h[4])
+  local key, usd, tok, at, idle = h[1], h[2], h[3], tonumber(h[4]), tonumber(h[5])
   local b, r = ARGV[4] .. 'b:' .. key, ARGV[4] .. 'r:' .. key
   if redis.call('ZREM', r, ARGV[1] .. '|' .. i .. '|' .. usd .. '|' .. tok) == 1 then
     redis.call('HINCRBY', b, 'rsv', neg(usd))
-    redis.call('HINCRBY', b, 'rtok', -tonumber(tok))
+    redis.call('HINCRBY', b, 'rtok', neg(tok))
   end
   if ARGV[2] ~= '0' then redis.call('HINCRBY', b, 'spent', ARGV[2]) end
   if ARGV[3] ~= '0' then redis.call('HINCRBY', b, 'stok', ARGV[3]) end
-  expire(b, r, at)
+  expire(b, r, at, idle)
   out[#out + 1] = key
   for _, v in ipairs(balance(b)) do out[#out + 1] = v end
 end
@@ -254,6 +348,9 @@ class RedisLedger:
     def _c(self, call_id: str) -> str:
         return f"{self.prefix}c:{call_id}"
 
+    def _cw(self, call_id: str) -> str:
+        return f"{self.prefix}cw:{call_id}"
+
     @property
     def _marker(self) -> str:
         return f"{self.prefix}seeded"
@@ -264,16 +361,26 @@ class RedisLedger:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise LedgerUnavailable(f"redis ledger unreachable: {exc}") from exc
 
-    async def reserve(self, call_id: str, holds: list[Hold], ttl_s: float) -> Reserved:
-        keys = [self._marker, self._c(call_id)]
+    async def reserve(self, call_id: str, holds: list[Hold], ttl_s: float,
+                      windows: Sequence[Window] = (), now: datetime | None = None
+                      ) -> Reserved:
+        """As the Ledger protocol says; rate windows run on the Redis server's clock, so
+        instances whose clocks differ still share one window (`now` is not used)."""
+        keys = [self._marker, self._c(call_id), self._cw(call_id)]
         args: list[Any] = [call_id, max(1, int(ttl_s * 1000)),
-                           int(ttl_s * 1000) + RECORD_GRACE_MS]
+                           int(ttl_s * 1000) + RECORD_GRACE_MS, len(holds)]
         for hold in holds:
             keys += [self._b(hold.key), self._r(hold.key)]
             args += [hold.key, to_units(hold.usd, ROUND_CEILING), hold.tokens,
                      "" if hold.limit_usd is None else to_units(hold.limit_usd, ROUND_FLOOR),
                      "" if hold.limit_tokens is None else hold.limit_tokens,
-                     1 if hold.block else 0, _epoch_ms(hold.period_end)]
+                     1 if hold.block else 0, _epoch_ms(hold.period_end), hold.idle_s * 1000]
+        for w in windows:
+            keys += [f"{self.prefix}w:{w.key}", f"{self.prefix}ws:{w.key}"]
+            args += [w.key, w.span_ms, w.tokens, to_units(w.usd, ROUND_CEILING),
+                     "" if w.max_requests is None else w.max_requests,
+                     "" if w.max_tokens is None else w.max_tokens,
+                     "" if w.max_usd is None else to_units(w.max_usd, ROUND_FLOOR)]
         for _ in range(3):
             reply = await self._run(self._reserve, keys, args)
             if reply[0] != "unseeded":
@@ -281,13 +388,17 @@ class RedisLedger:
             await self._reseed()
         if reply[0] == "refused":
             return Reserved(refused=holds[int(reply[1]) - 1])
+        if reply[0] == "limited":
+            wait_ms = int(reply[2])
+            return Reserved(refused=None, limited=windows[int(reply[1]) - 1],
+                            retry_after_s=None if wait_ms < 0 else wait_ms / 1000)
         if reply[0] != "ok":
             raise LedgerUnavailable("redis ledger: the spend rebuild did not take")
         return Reserved(refused=None, balances=_balances(reply[1:]))
 
     async def settle(self, call_id: str, usd: Decimal, tokens: int
                      ) -> list[tuple[Hold, Balance]]:
-        reply = await self._run(self._settle, [self._c(call_id)],
+        reply = await self._run(self._settle, [self._c(call_id), self._cw(call_id)],
                                 [call_id, to_units(usd), tokens, self.prefix])
         settled = []
         for i in range(0, len(reply), 5):
