@@ -94,7 +94,10 @@ class Budget:
         """Where the usage-log rebuild of this budget starts: its period's start, or for an
         expiring per-trace budget the idle time ago (an older run is forgotten anyway)."""
         start = self.bounds(now)[0]
-        return max(start, now - timedelta(seconds=self.idle_s)) if self.idle_s else start
+        if not self.idle_s:
+            return start
+        idle_from = now - timedelta(seconds=self.idle_s)  # from its hour: the log's grain
+        return max(start, idle_from.replace(minute=0, second=0, microsecond=0))
 
     def bounds(self, now: datetime) -> tuple[datetime, datetime | None]:
         """The start and end (UTC) of the period containing `now`; `total` never ends."""
@@ -509,11 +512,11 @@ def spend_from_log(reader: LogReader, budgets: list[Budget], now: datetime
     since = min(b.rebuild_since(now) for b in budgets)
     dims = sorted({dim for b in budgets for dim, _ in b.scope})
     totals: dict[tuple[str, str], tuple[Decimal, int]] = {}
-    periods = [(b, b.rebuild_since(now), b.bounds(now)[1]) for b in budgets]
+    periods = [(b, b.rebuild_since(now), *b.bounds(now)) for b in budgets]
     for spent in reader.spend_by_hour(dims, since):
-        for budget, start, end in periods:
+        for budget, since_b, start, end in periods:
             scope = budget.concrete_scope(spent.attrs)
-            if scope is None or spent.hour < start or (end is not None and spent.hour >= end):
+            if scope is None or spent.hour < since_b or (end is not None and spent.hour >= end):
                 continue
             k = (budget.key(scope, start), scope)
             usd, count = totals.get(k, (ZERO, 0))

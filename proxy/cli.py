@@ -340,7 +340,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     from proxy.storage.ledger import Balance
 
     settings = load_settings(args.config)
-    budgets = budgets_from(settings)
+    budgets = [b for b in budgets_from(settings) if not b.per_trace]  # one per agent run
     now = datetime.now(UTC)
     with _readers.open_reader(settings.storage.usage_log) as log:
         totals = spend_from_log(log, budgets, now)

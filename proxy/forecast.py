@@ -279,8 +279,8 @@ def budget_forecasts(log: LogReader, budgets: list[Budget], now: datetime,
     known = known if known is not None else {}
     rows = []
     for budget in budgets:
-        if budget.limit_usd is None:
-            continue
+        if budget.limit_usd is None or budget.per_trace:
+            continue  # a month-end forecast per agent run would say nothing
         start, end = budget.bounds(now)
         if end is None:
             end = month_bounds(now)[1]

@@ -6,6 +6,7 @@ rate-limited 429 is meant to be retried (it has no `x-should-retry: false`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -22,6 +23,7 @@ from google.genai import types as genai_types
 from proxy import tokens
 from proxy.config import ConfigError, parse_settings
 from proxy.simulator import Scenario
+from proxy.storage.ledger import LocalLedger, Window
 from tests.conftest import OTHER_KEY, VIRTUAL_KEY, Stack, http
 
 PROMPT = "How many calls may the search team make per minute?"
@@ -332,3 +334,19 @@ def test_config_rejects_a_repeated_name() -> None:
         parse_settings({"rate_limits": [{"name": "x", "scope": {"key": "a"}, "requests": 1},
                                         {"name": "x", "scope": {"key": "b"}, "requests": 1}]},
                        "m.yaml")
+
+
+def test_local_windows_of_many_scopes_do_not_pile_up() -> None:
+    """A `"*"` limit over many customers: a window no call entered for a whole span is
+    dropped at the next sweep (the local ledger sweeps once a minute)."""
+    async def go() -> None:
+        ledger = LocalLedger()
+        for i in range(100):
+            window = Window(key=f"rl:x:customer=c{i}/minute", span_ms=60_000, tokens=0,
+                            usd=Decimal(0), max_requests=1, max_tokens=None, max_usd=None)
+            await ledger.reserve(f"call{i}", [], 60, [window], now=T0)
+        assert len(ledger._windows) == 100
+        await ledger.reserve("late", [], 60, [window], now=T0 + timedelta(seconds=61))
+        assert list(ledger._windows) == [window.key]
+
+    asyncio.run(go())
