@@ -14,7 +14,7 @@ from proxy.simulator import Scenario
 from proxy.storage import open_ledger
 from proxy.storage.ledger import Hold, LocalLedger
 from proxy.storage.redis_ledger import RedisLedger
-from tests.conftest import VIRTUAL_KEY, Stack
+from tests.conftest import VIRTUAL_KEY, Stack, sha
 from tests.scale import redis_prefix, redis_url
 from tests.test_budgets import call_cost, chat, exact_usage
 
@@ -71,6 +71,27 @@ def test_a_looping_run_is_refused_at_its_limit_and_nothing_else_is(tmp_path: Pat
         admitted = K + 2 + K + 1
         assert status["customer=acme"]["spent_usd"] == admitted * cost
         assert not any(scope.startswith("trace=") for scope in status)  # not listed
+    finally:
+        stack.close()
+
+
+def test_rotating_trace_ids_escape_the_run_budget_but_not_the_keys(tmp_path: Path) -> None:
+    """The attacker's move: a new trace id on every call. No run budget ever fills (what
+    docs/budgets.md says it does not guarantee); a budget on the key still stops the
+    spend at exactly its 5 calls."""
+    cost = call_cost()
+    stack = Stack(tmp_path, {"budgets": [
+        {"scope": {"trace": "*"}, "period": "total", "limit_usd": float(K * cost + cost / 2)},
+    ], "keys": [{"name": "team-a", "key_sha256": sha(VIRTUAL_KEY),
+                 "budgets": [{"period": "day", "limit_usd": float(5 * cost + cost / 2)}]}]})
+    try:
+        stack.sim.then(Scenario(usage=exact_usage(), repeat=20))
+        client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
+        for i in range(5):
+            assert chat(client, **{"X-Meter-Trace-Id": f"rotated-{i}"}).status_code == 200
+        with pytest.raises(openai.RateLimitError) as err:
+            chat(client, **{"X-Meter-Trace-Id": "rotated-5"})
+        assert "key=team-a" in err.value.body["message"]
     finally:
         stack.close()
 
