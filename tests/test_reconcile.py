@@ -34,9 +34,12 @@ from tests.billing_fakes import (
     FakeBilling,
     Faults,
 )
-from tests.conftest import VIRTUAL_KEY, Served, Stack, http
+from tests.conftest import VIRTUAL_KEY, Stack, http
 
-TODAY = datetime.now(UTC).date()
+# The module's clock: its dates, and the servers under test, read this one instant, so a
+# run that crosses midnight UTC cannot make the server's "yesterday" another day.
+NOW = datetime.now(UTC)
+TODAY = NOW.date()
 DAYS = [TODAY - timedelta(days=n) for n in (3, 2, 1)]  # D1, D2, D3: yesterday is D3
 UNTIL = TODAY.isoformat()
 OPENAI_ENV, ANTHROPIC_ENV = "METERPROXY_TEST_OPENAI_ADMIN", "METERPROXY_TEST_ANTHROPIC_ADMIN"
@@ -332,20 +335,23 @@ def reprice_delta(tmp: Path, db: Path, override: dict[str, Any]) -> Decimal:
 
 def test_serve_answers_the_api_and_the_schedule_alerts(tmp_path: Path, fake: FakeBilling,
                                                        traffic: Any, capsys: Any) -> None:
-    """`serve` with reconcile.every: yesterday's drift raises a log line, gauges and a
-    webhook; GET /_meter/reconcile answers what the CLI prints."""
+    """The server with reconcile.every, on the module's clock: yesterday's drift raises a
+    log line, gauges and a webhook; GET /_meter/reconcile answers what the CLI prints."""
     db = traffic[0]
     fake.faults = Faults(price_change=(DAYS[2].isoformat(), "gpt-4o-mini", "output",
                                        Decimal("0.66")))
     conf = config(tmp_path, db, fake, reconcile={"every": "24h"},
                   alerts={"webhook_url": f"{fake.url}/hook"},
                   server={"admin_key_env": "METERPROXY_TEST_RECONCILE_ADMIN"})
-    served = Served(tmp_path, conf, env={"METERPROXY_TEST_RECONCILE_ADMIN": "rec-admin"})
+    os.environ["METERPROXY_TEST_RECONCILE_ADMIN"] = "rec-admin"
+    served = Stack(tmp_path / "serve", conf, clock=lambda: NOW)
+    logs = ""
     try:
         deadline = time.monotonic() + 30
         while not fake.hooks and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(fake.hooks) == 1, served.logs()
+        logs += capsys.readouterr().err
+        assert len(fake.hooks) == 1, logs
         (event,) = fake.hooks
         assert event["alert"] == "reconcile_drift" and event["provider"] == "openai"
         assert event["day"] == DAYS[2].isoformat() and event["cells_outside_tolerance"] == 1
@@ -353,7 +359,7 @@ def test_serve_answers_the_api_and_the_schedule_alerts(tmp_path: Path, fake: Fak
             ("gpt-4o-mini", "output")]
         assert event["overrides"] == [{"openai/gpt-4o-mini": {
             "output": "0.66", "effective_from": DAYS[2].isoformat()}}]
-        assert '"event":"reconcile_alert"' in served.logs()
+        assert '"event":"reconcile_alert"' in logs
         admin = {"Authorization": "Bearer rec-admin"}
         gemini = 'meterproxy_reconcile_cells_outside_tolerance{provider="gemini"} 0'
         while True:  # the three providers are checked one after the other
@@ -373,8 +379,9 @@ def test_serve_answers_the_api_and_the_schedule_alerts(tmp_path: Path, fake: Fak
         bad = http("GET", f"{served.url}/_meter/reconcile?provider=nope", headers=admin)
         assert bad.status_code == 400 and "openai, anthropic, gemini" in bad.json()["error"]
     finally:
-        served.stop()
-    assert ADMIN_KEY not in served.log_path.read_text()
+        served.close()
+    logs += capsys.readouterr().err
+    assert ADMIN_KEY not in logs
 
 
 def test_every_token_class_has_a_bill_class() -> None:
@@ -426,7 +433,7 @@ def test_the_log_side_is_the_same_on_postgresql(traffic: Any, tmp_path: Path) ->
 
 
 def test_instances_on_a_shared_ledger_alert_a_day_once(tmp_path: Path, fake: FakeBilling,
-                                                        traffic: Any) -> None:
+                                                        traffic: Any, capsys: Any) -> None:
     """Two `serve` processes on one Redis ledger both check yesterday; one webhook."""
     from tests.scale import redis_prefix, redis_url
 
@@ -436,18 +443,18 @@ def test_instances_on_a_shared_ledger_alert_a_day_once(tmp_path: Path, fake: Fak
                       alerts={"webhook_url": f"{fake.url}/hook"},
                       server={"admin_key_env": "METERPROXY_TEST_RECONCILE_ADMIN"},
                       storage={"ledger": f"{redis_url()}?prefix={prefix}"})
-        env = {"METERPROXY_TEST_RECONCILE_ADMIN": "rec-admin"}
-        both = [Served(tmp_path, conf, env=env), Served(tmp_path, conf, env=env)]
+        os.environ["METERPROXY_TEST_RECONCILE_ADMIN"] = "rec-admin"
+        both = [Stack(tmp_path / name, conf, clock=lambda: NOW) for name in ("a", "b")]
         try:
             done = 'meterproxy_reconcile_cells_outside_tolerance{provider="gemini"}'
             deadline = time.monotonic() + 60
             for served in both:  # a gauge appears once that check (and its alert) is done
                 while done not in http("GET", f"{served.url}/metrics", headers={
                         "Authorization": "Bearer rec-admin"}).content.decode():
-                    assert time.monotonic() < deadline, served.logs()
+                    assert time.monotonic() < deadline, capsys.readouterr().err
                     time.sleep(0.05)
         finally:
             for served in both:
-                served.stop()
+                served.close()
     assert sorted((h["provider"], h["day"]) for h in fake.hooks) == [
         (p, DAYS[2].isoformat()) for p in ("anthropic", "gemini", "openai")]
