@@ -24,7 +24,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from proxy import dashboard, query
+from proxy import dashboard, money, query
 from proxy.keys import APP_SERVER, runtime_of
 from proxy.output import csv_lines
 from proxy.report import build_report, render_text
@@ -420,15 +420,9 @@ async def _read(request: web.Request, fn: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, run)
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return float(value)
-    raise TypeError
-
-
 def json_response(data: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(data, default=_default),
-                        content_type="application/json")
+    """JSON with money as exact decimal strings (proxy.money), as the CLI prints it."""
+    return web.Response(body=money.dumps(data), content_type="application/json")
 
 
 _USAGE_PARAMS = ("since", "until", "group_by", "where", "order_by", "limit", "durations")

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import structlog
 
-from proxy import tokens
+from proxy import money, tokens
 from proxy.config import BudgetConfig, Enforce, LedgerFailure, Period, Settings, Unpriced
 from proxy.errors import Kind, MeterError
 from proxy.pricing import PriceBook, cost
@@ -178,7 +178,8 @@ class Alerts:
     def __init__(self, thresholds: Iterable[float], webhook_url: str | None,
                  spawn: Callable[[Any], None], session: aiohttp.ClientSession | None,
                  claim: Callable[[str, Decimal], Awaitable[bool]] | None = None,
-                 fired: set[tuple[str, Decimal]] | None = None) -> None:
+                 fired: set[tuple[str, Decimal]] | None = None,
+                 seen: set[str] | None = None) -> None:
         self.thresholds = sorted(Decimal(str(t)) for t in thresholds)
         self.webhook_url = webhook_url
         self.spawn = spawn
@@ -187,12 +188,18 @@ class Alerts:
         self.claim = claim
         # Carried over from the previous configuration, so a reload fires nothing twice.
         self.fired: set[tuple[str, Decimal]] = fired if fired is not None else set()
+        # Every concrete scope any snapshot has observed (`customer=acme` of a `*` budget),
+        # shared with the next snapshot by reference: a call still running on the old one
+        # when a reload swaps it settles here too, so the admin API and the dashboard keep
+        # showing that customer's period before the customer calls again.
+        self.seen: set[str] = seen if seen is not None else set()
         self.utilisation: dict[str, tuple[Budget, str, float]] = {}
 
     def observe(self, budget: Budget, scope: str, hold_key: str, balance: Balance,
                 *, quiet: bool = False) -> None:
         if budget.per_trace:
             return  # one per agent run: its refusal is the signal, not thresholds
+        self.seen.add(scope)
         if budget.limit_usd is not None and budget.limit_usd > 0:
             ratio = balance.spent_usd / budget.limit_usd
         elif budget.limit_tokens:
@@ -209,8 +216,8 @@ class Alerts:
     def _fire(self, budget: Budget, scope: str, hold_key: str, balance: Balance,
               threshold: Decimal) -> None:
         event = {"budget": hold_key, "scope": scope, "name": budget.name,
-                 "period": budget.period, "spent_usd": str(balance.spent_usd),
-                 "limit_usd": None if budget.limit_usd is None else str(budget.limit_usd),
+                 "period": budget.period, "spent_usd": money.exact(balance.spent_usd),
+                 "limit_usd": None if budget.limit_usd is None else money.exact(budget.limit_usd),
                  "spent_tokens": balance.spent_tokens, "limit_tokens": budget.limit_tokens,
                  "threshold": float(threshold)}
         if self.claim is None:
@@ -438,8 +445,7 @@ class Budgets:
 
     async def status(self) -> list[dict[str, Any]]:
         """Every current budget period the ledger has seen, for the admin API."""
-        seen = {scope for _, scope, _ in self.alerts.utilisation.values()}
-        periods = current_periods(self.budgets, seen, self.clock())
+        periods = current_periods(self.budgets, self.alerts.seen, self.clock())
         balances = await self.ledger.balances([key for _, _, key, _ in periods])
         return [status_row(b, scope, balances[key], end) for b, scope, key, end in periods]
 

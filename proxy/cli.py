@@ -297,7 +297,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_forecast(args: argparse.Namespace) -> int:
     from proxy.budgets import budgets_from
     from proxy.forecast import forecast_month
-    from proxy.report import budget_table, usd
+    from proxy.report import budget_table, forecast_table, usd
 
     settings = load_settings(args.config)
     now = parse_time(args.as_of) if args.as_of else datetime.now(UTC)
@@ -306,10 +306,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     if args.format == "json":
         _print_json(data)
         return 0
-    money = ("spent_usd", "forecast_usd", "low_usd", "high_usd")
-    rows = [{"scope": "total", **{k: data["total"][k] for k in money}}]
-    rows += [{"scope": f"customer={c['customer']}", **{k: c[k] for k in money}}
-             for c in data["customers"]]
+    money = ("spent_usd", "projected_usd", "forecast_usd", "low_usd", "high_usd")
     if args.format == "csv":
         # Tidy: one kind of thing per row, and a column that says which.
         tidy = [{"kind": "total", "name": "", **{k: data["total"][k] for k in money}}]
@@ -321,12 +318,12 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         return 0
     ft = data["total"]
     print(f"Forecast for {data['month']} (to {data['month_end']}, as of {data['as_of']}):")
-    print(f"  {usd(ft['forecast_usd'])}, 90% band {usd(ft['low_usd'])} - "
-          f"{usd(ft['high_usd'])}; spent so far {usd(ft['spent_usd'])}, run rate "
-          f"{usd(ft['daily_rate_usd'])}/day ({ft['history_days']} days of history)\n")
-    print(render([{"scope": r["scope"], "spent": usd(r["spent_usd"]),
-                   "forecast": usd(r["forecast_usd"]), "low": usd(r["low_usd"]),
-                   "high": usd(r["high_usd"])} for r in rows], "table"))
+    print(f"  spent so far {usd(ft['spent_usd'])}; projected rest {usd(ft['projected_usd'])}; "
+          f"forecast {usd(ft['forecast_usd'])}, 90% band {usd(ft['low_usd'])} - "
+          f"{usd(ft['high_usd'])}; run rate {usd(ft['daily_rate_usd'])}/day "
+          f"({ft['history_days']} days of history)\n")
+    print(forecast_table([("total", ft)] + [(f"customer={c['customer']}", c)
+                                            for c in data["customers"]]))
     if data["budgets"]:
         print("\nBudgets (current period, projected to its end):")
         print(budget_table(data["budgets"]))
@@ -353,6 +350,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from proxy import money
+
     settings = load_settings(args.config)
     with _readers.open_reader(settings.storage.usage_log) as log:
         found = query.explain(log, args.id)
@@ -366,7 +365,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     width = max(len(k) for k in row)
     for key, value in row.items():
         if key != "cost_breakdown":
-            shown = orjson.dumps(value).decode() if isinstance(value, dict) else value
+            shown = orjson.dumps(value).decode() if isinstance(value, dict) else \
+                money.exact(value) if isinstance(value, Decimal) else value
             print(f"{key.ljust(width)}  {'-' if shown is None else shown}")
     print()
     if not found["priced"]:
@@ -383,17 +383,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
                   f"${line['usd_per_1000']}/1000 = ${line['usd']}")
     for note, value in found["notes"].items():
         print(f"  {note}: {value}")
-    print(f"  {'total':<15} {'':>12}                    = ${row['cost_usd']}")
+    print(f"  {'total':<15} {'':>12}                    = ${money.exact(row['cost_usd'])}")
     return 0
 
 
 def _print_json(data: Any) -> None:
-    def plain(value: Any) -> Any:
-        if isinstance(value, Decimal):
-            return float(value)
-        raise TypeError
+    """JSON with money as exact decimal strings (proxy.money), never floats."""
+    from proxy import money
 
-    print(orjson.dumps(data, default=plain, option=orjson.OPT_INDENT_2).decode())
+    print(money.dumps(data, indent=True).decode())
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:

@@ -120,16 +120,15 @@ def nice_ceiling(value: float) -> float:
     return 10 * power
 
 
-def _places(step: float) -> int:
-    """Decimals that show an axis step exactly: 0.025 -> 3, 2.5 -> 1, 500 -> 0."""
-    exponent = Decimal(repr(step)).normalize().as_tuple().exponent
-    return max(0, -int(exponent)) if isinstance(exponent, int) else 2
+def band(low: Any, high: Any) -> str:
+    """A forecast band, by the same money rule as every other figure."""
+    return f"{e(usd(low))} &ndash; {e(usd(high))}"
 
 
-def band(low: float, high: float) -> str:
-    """A forecast band, as precise as its size needs."""
-    places = 0 if high >= 1000 else 2
-    return f"{usd(low, places)} &ndash; {usd(high, places)}"
+# Axis labels are 11px text: at most this wide per character in the page's sans-serif
+# (digits and `$` are 0.64em in DejaVu Sans, the widest fallback: 7px; `,` and `.` half
+# that), so the axis makes room for the widest label with a margin.
+LABEL_PX_PER_CHAR = 7.5
 
 
 def month_name(month: str) -> str:
@@ -138,8 +137,9 @@ def month_name(month: str) -> str:
 
 def _chart(daily: Sequence[dict[str, Any]], f: dict[str, Any]) -> str:
     """Bars of spend per day, and the month's projected days as pale bars."""
-    spent = [(date.fromisoformat(r["day"]), float(r["cost_usd"])) for r in daily]
-    projected = [(date.fromisoformat(d), usd_) for d, usd_ in f.get("projected", [])]
+    # Amounts stay Decimal for the labels; only the geometry uses floats.
+    spent = [(date.fromisoformat(r["day"]), Decimal(r["cost_usd"])) for r in daily]
+    projected = [(date.fromisoformat(d), Decimal(v)) for d, v in f.get("projected", [])]
     today = f["as_of"][:10]
     spent_days = {d for d, _ in spent}
     bars = [(d, v, False) for d, v in spent]
@@ -149,30 +149,32 @@ def _chart(daily: Sequence[dict[str, Any]], f: dict[str, Any]) -> str:
     first = min(d for d, _, _ in bars)
     last = max(d for d, _, _ in bars)
     ndays = (last - first).days + 1
-    stacked: dict[date, list[tuple[float, bool]]] = {}
+    stacked: dict[date, list[tuple[Decimal, bool]]] = {}
     for d, v, proj in bars:
         stacked.setdefault(d, []).append((v, proj))
-    top = nice_ceiling(max(sum(v for v, _ in parts) for parts in stacked.values()) * 1.05)
-    w, h, left, bottom, right = 1120, 240, 64, 26, 8
+    top = nice_ceiling(float(max(sum(v for v, _ in parts) for parts in stacked.values())) * 1.05)
+    ticks = [usd(Decimal(repr(top)) * i / 4) for i in range(5)]
+    # The labels end 8px left of the axis: the axis sits where the widest one fits.
+    w, h, bottom, right = 1120, 240, 26, 8
+    left = math.ceil(8 + 6 + LABEL_PX_PER_CHAR * max(len(t) for t in ticks))
     plot_w, plot_h = w - left - right, h - bottom - 10
     step = plot_w / ndays
     bar_w = max(step * 0.72, 1.0)
     out = [f'<svg class="chart" viewBox="0 0 {w} {h}" role="img" '
            f'aria-label="spend per day">']
-    for i in range(5):
-        value = top * i / 4
+    for i, tick in enumerate(ticks):
         y = 10 + plot_h - plot_h * i / 4
         out.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" '
                    f'class="{"axis" if i == 0 else "grid"}"/>')
         out.append(f'<text x="{left - 8}" y="{y + 4:.1f}" class="ylabel">'
-                   f'{e(usd(value, _places(top / 4)))}</text>')
+                   f'{e(tick)}</text>')
     label_every = max(1, math.ceil(ndays / 15))
     for i in range(ndays):
         d = first + timedelta(days=i)
         x = left + i * step + (step - bar_w) / 2
         base = 10 + plot_h
         for value, proj in stacked.get(d, []):
-            bar_h = plot_h * value / top if top else 0
+            bar_h = plot_h * float(value) / top if top else 0
             base -= bar_h
             kind = "proj" if proj else ("weekend" if d.weekday() >= 5 else "bar")
             label = "forecast" if proj else "spent"
@@ -239,16 +241,17 @@ def _budgets(live: list[dict[str, Any]], forecasts: list[dict[str, Any]]) -> str
             continue
         limit_f = float(limit)
         spent = float(b["spent_usd"])
-        held = float(b.get("reserved_usd") or 0)
         fc = projected.get((b["scope"], b["period"], b["name"]))
-        rows.append((spent / limit_f if limit_f else 1.0, b, spent, held, limit_f, fc))
+        rows.append((spent / limit_f if limit_f else 1.0, b, limit_f, fc))
     if not rows:
         return '<p class="empty">No budgets configured.</p>'
     # Most at risk first: by what is spent, or by what the forecast says will be.
-    rows.sort(key=lambda r: -max(r[0], (r[5]["forecast_share"] or 0) if r[5] else 0))
+    rows.sort(key=lambda r: -max(r[0], (r[3]["forecast_share"] or 0) if r[3] else 0))
     out = []
-    for share, b, spent, held, limit_f, fc in rows[:BUDGETS_SHOWN]:
-        forecast = fc["forecast_usd"] if fc else None
+    for share, b, limit_f, fc in rows[:BUDGETS_SHOWN]:
+        held_usd = b.get("reserved_usd") or Decimal(0)
+        held = float(held_usd)
+        forecast = float(fc["forecast_usd"]) if fc else None
         state = "over" if share >= 1 else "warn" if share >= 0.8 or (
             forecast is not None and forecast >= limit_f) else "ok"
         held_w = max(0.0, min(held / limit_f, 1 - min(share, 1))) * 100 if limit_f else 0
@@ -256,20 +259,20 @@ def _budgets(live: list[dict[str, Any]], forecasts: list[dict[str, Any]]) -> str
         if forecast is not None and limit_f:
             pos = min(forecast / limit_f, 1.0) * 100
             marker = (f'<i class="marker" style="left:{pos:.1f}%" '
-                      f'title="forecast {e(usd(forecast))}"></i>')
+                      f'title="forecast {e(usd(fc["forecast_usd"]))}"></i>')
         runs_out = ""
         if fc and fc["exhausted_on"]:
             runs_out = f' &middot; <b class="over">runs out {e(fc["exhausted_on"])}</b>'
         elif fc:
-            runs_out = f" &middot; forecast {e(usd(forecast))}"
+            runs_out = f" &middot; forecast {e(usd(fc['forecast_usd']))}"
         title = (f"{b['name']}: " if b.get("name") else "") + b["scope"]
         out.append(
             f'<div class="budget {state}"><div class="line"><span>{e(title)}</span>'
-            f'<span class="num">{e(usd(spent))} / {e(usd(limit_f))}</span></div>'
+            f'<span class="num">{e(usd(b["spent_usd"]))} / {e(usd(limit))}</span></div>'
             f'<div class="track"><span class="fill" style="width:{min(share, 1) * 100:.1f}%">'
             f'</span><span class="held" style="width:{held_w:.1f}%"></span>{marker}</div>'
             f'<div class="sub">{e(b["period"])} &middot; {e(pct(share))} used'
-            f'{" &middot; " + e(usd(held)) + " held" if held else ""}{runs_out}'
+            f'{" &middot; " + e(usd(held_usd)) + " held" if held else ""}{runs_out}'
             f' &middot; resets {e((b.get("resets_at") or "never")[:10])}</div></div>')
     if len(rows) > BUDGETS_SHOWN:
         out.append(f'<p class="muted small">and {len(rows) - BUDGETS_SHOWN} more, less at risk '

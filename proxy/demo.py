@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy import query
+from proxy import money, query
 from proxy.app import serve
 from proxy.config import parse_settings
 from proxy.logs import configure
@@ -58,7 +58,7 @@ def run_demo(calls: int = 36, keep: bool = False) -> int:
         groups = ["provider", "model"]
         print(_report(log.usage(query.UsageQuery(group_by=groups)), groups))
         total = log.usage(query.UsageQuery())[0]
-        print(f"\n{total['calls']} calls, ${total['cost_usd']:.6f} in all, every one priced "
+        print(f"\n{total['calls']} calls, {money.usd(total['cost_usd'])} in all, every one priced "
               "from the bundled tables and attributed from X-Meter-* headers.")
     if keep:
         print(f"\nThe demo's usage log: {db}\n  try: meterproxy usage --group-by "

@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from proxy.output import neutralise
 from proxy.pricing import PriceBook, cost
 from proxy.storage.readers import open_reader
 from proxy.token_classes import BY_COLUMN, BY_NAME, Unit, priced_counts
@@ -335,7 +336,8 @@ def _stamp(when: datetime) -> str:
 
 
 def plain(value: Any) -> Any:
-    """A cell as CSV text: None as empty, decimals in plain notation with a decimal point.
+    """A cell as CSV text: None as empty, decimals in plain notation with a decimal point,
+    text that a spreadsheet would run as a formula neutralised (proxy.output).
 
     The point matters: a reader that infers column types (as focus-validator's does) takes
     a column of whole token counts for integers, and FOCUS wants them Decimal.
@@ -345,6 +347,8 @@ def plain(value: Any) -> Any:
     if isinstance(value, Decimal):
         text = format(value.normalize(), "f")
         return text if "." in text else f"{text}.0"
+    if isinstance(value, str):
+        return neutralise(value)  # x_Customer, x_Feature, tags: a caller's header values
     return value
 
 

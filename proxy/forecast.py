@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+from proxy import money
 from proxy.budgets import Budget
 from proxy.query import UsageQuery
 from proxy.storage.readers import LogReader
@@ -237,6 +238,7 @@ def forecast_month(log: LogReader, now: datetime, budgets: list[Budget] | None =
     history = {d: v for d, v in total_floats.items() if d < now.date()}
     factors = weekday_factors(history)
     total = project(total_floats, now, start, end, profile, factors)
+    first = start.date()
     recent = log.usage(UsageQuery(
         since=now - timedelta(days=14), until=now, group_by=["customer"],
         exclude={"customer": ""}, limit=top, spend_only=True))
@@ -251,16 +253,18 @@ def forecast_month(log: LogReader, now: datetime, budgets: list[Budget] | None =
             spend_only=True)), ["customer"])
     else:
         by_customer = {}
-    customers = [{"customer": name,
-                  **_money(project(_floats(by_customer.get((name,), {})), now, start, end,
-                                   profile, factors))} for name in names]
+    customers = []
+    for name in names:
+        daily = by_customer.get((name,), {})
+        customers.append({"customer": name, **_money(
+            project(_floats(daily), now, start, end, profile, factors), _since(daily, first))})
     customers.sort(key=lambda r: -r["forecast_usd"])
     return {
         "as_of": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "month": start.strftime("%Y-%m"),
         "month_end": end.strftime("%Y-%m-%d"),
-        "total": _money(total),
-        "projected": [(d.isoformat(), round(usd, 4)) for d, usd in total.days],
+        "total": _money(total, _since(total_daily, first)),
+        "projected": [(d.isoformat(), money.projection(usd)) for d, usd in total.days],
         "customers": customers,
         "budgets": budget_forecasts(log, budgets or [], now, profile, known, factors),
     }
@@ -299,14 +303,15 @@ def budget_forecasts(log: LogReader, budgets: list[Budget], now: datetime,
             if any(v is None for v in key):
                 continue  # calls without the attribute are not in a `*` budget
             values = dict(zip(groups, key, strict=True))
+            exact = spent.get(key, Decimal(0))
             p = _with_actual(project(_floats(daily), now, start, end, profile, factors),
-                             float(spent.get(key, Decimal(0))))
+                             float(exact))
             scope = ",".join(f"{dim}={values[SCOPE_COLUMNS.get(dim, dim)]}" if want == "*"
                              else f"{dim}={want}" for dim, want in budget.scope)
             burst = p.exhausted_on(limit)
             rows.append({
                 "scope": scope, "name": budget.name, "period": budget.period,
-                "limit_usd": limit, **_money(p),
+                "limit_usd": budget.limit_usd, **_money(p, exact),
                 "forecast_share": round(p.forecast_usd / limit, 4) if limit else None,
                 "at_risk": p.forecast_usd >= limit or p.high_usd >= limit,
                 "exhausted_on": burst.isoformat() if burst else None,
@@ -354,10 +359,23 @@ def _with_actual(p: Projection, actual: float) -> Projection:
                       p.high_usd + shift, p.daily_rate_usd, p.history_days, p.days)
 
 
-def _money(p: Projection) -> dict[str, Any]:
-    return {"spent_usd": round(p.actual_usd, 4), "forecast_usd": round(p.forecast_usd, 4),
-            "low_usd": round(p.low_usd, 4), "high_usd": round(p.high_usd, 4),
-            "daily_rate_usd": round(p.daily_rate_usd, 4), "history_days": p.history_days}
+def _since(daily: Mapping[date, Decimal], first: date) -> Decimal:
+    """Exact spend on the days from `first` (a month's own days of a longer series)."""
+    return sum((v for d, v in daily.items() if d >= first), Decimal(0))
+
+
+def _money(p: Projection, spent: Decimal) -> dict[str, Any]:
+    """A projection as money: `spent_usd` is the exact spend so far (the very figure the
+    report, `budgets` and the admin API show); the modelled part (`projected_usd`, the
+    rest of the period) is a Decimal at 6 places, and the forecast and band are spent plus
+    the modelled amount, so every view adds up."""
+    def plus(modelled: float) -> Decimal:
+        return spent + money.projection(modelled - p.actual_usd)
+
+    return {"spent_usd": spent, "projected_usd": money.projection(p.forecast_usd - p.actual_usd),
+            "forecast_usd": plus(p.forecast_usd), "low_usd": max(spent, plus(p.low_usd)),
+            "high_usd": plus(p.high_usd), "daily_rate_usd": money.projection(p.daily_rate_usd),
+            "history_days": p.history_days}
 
 
 # --- backtest --------------------------------------------------------------------------

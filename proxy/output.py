@@ -9,13 +9,14 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-import orjson
+from proxy import money
 
 # A spreadsheet runs a cell starting with one of these as a formula (=HYPERLINK, @SUM,
 # +cmd|...); OWASP's advice is a leading apostrophe, which shows the text as it was.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 # C0 and C1 control characters but newline and tab: ANSI escapes, bells, carriage returns.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 
 def neutralise(text: str) -> str:
@@ -42,15 +43,9 @@ class PrintableStream:
         return getattr(self._stream, name)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return float(value)
-    raise TypeError
-
-
 def render(rows: Sequence[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
-        return orjson.dumps(list(rows), default=_plain, option=orjson.OPT_INDENT_2).decode()
+        return money.dumps(list(rows), indent=True).decode()
     if fmt == "csv":
         buf = io.StringIO()
         if rows:
@@ -65,13 +60,11 @@ def csv_cell(value: Any) -> str:
     """One CSV cell: exact decimals (never 1.8e-05), neutralised text."""
     if value is None:
         return ""
-    if isinstance(value, float):
-        value = Decimal(repr(value))
-    if isinstance(value, Decimal):
-        text = format(value.normalize(), "f")
-        return text if "." not in text else text.rstrip("0").rstrip(".") or "0"
+    if isinstance(value, float | Decimal):
+        return money.exact(value)
     if isinstance(value, str):
-        return neutralise(value)
+        # An exact amount ("-0.25" from reconcile) is a number to a spreadsheet, not a formula.
+        return value if _NUMBER.fullmatch(value) else neutralise(value)
     return str(value)
 
 
@@ -83,7 +76,7 @@ def csv_lines(rows: Any) -> str:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """An aligned text table; numbers right-aligned, money with 6 decimals."""
+    """An aligned text table; numbers right-aligned, money by the one rule (proxy.money)."""
     if not rows:
         return "(no rows)"
     columns = list(rows[0])
@@ -104,7 +97,7 @@ def _display(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, Decimal):
-        return f"{value:,.6f}"
+        return money.text(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)

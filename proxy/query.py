@@ -137,6 +137,7 @@ def explain(reader: LogReader, call_id: str) -> dict[str, Any] | None:
     notes = {k: breakdown[k] for k in ("tier", "service_tier", "window", "missing_rates")
              if k in breakdown}
     cost = row["cost_usd"]
+    total = Decimal(str(cost)).quantize(UNITS) if cost is not None else None
     return {
         "id": row["id"],
         "priced": bool(row["priced"]),
@@ -145,6 +146,6 @@ def explain(reader: LogReader, call_id: str) -> dict[str, Any] | None:
         "period": breakdown.get("period"),
         "lines": lines,
         "notes": notes,
-        "total_usd": Decimal(str(cost)).quantize(UNITS) if cost is not None else None,
-        "row": row,
+        "total_usd": total,
+        "row": {**row, "cost_usd": total},  # the stored REAL as the exact amount it holds
     }

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from proxy import forecast, query
+from proxy import forecast, money, query
 from proxy.budgets import budgets_from
 from proxy.config import Settings
 from proxy.outcome import Outcome
@@ -125,14 +125,9 @@ def unit_economics(rows: list[dict[str, Any]], settings: Settings,
 
 # --- text ------------------------------------------------------------------------------
 
-def usd(value: Any, places: int = 2) -> str:
-    """Money for people: $1,234.56 (more places for amounts under a cent)."""
-    if value is None:
-        return "-"
-    amount = Decimal(str(value))
-    if 0 < abs(amount) < Decimal("0.01"):
-        places = 6
-    return f"${amount:,.{places}f}"
+def usd(value: Any) -> str:
+    """Money for people: $1,234.567890, by the one rule every view uses (proxy.money)."""
+    return money.usd(value)
 
 
 def pct(value: float | None) -> str:
@@ -169,9 +164,10 @@ def render_text(report: dict[str, Any]) -> str:
         out.append(f"Latency     p50 {t['p50_ms']:,.0f} ms, p95 {t['p95_ms']:,.0f} ms")
     f = report["forecast"]
     ft = f["total"]
-    out.append(f"Forecast    {f['month']}: {usd(ft['forecast_usd'])} "
-               f"(likely {usd(ft['low_usd'])} to {usd(ft['high_usd'])}); "
-               f"{usd(ft['spent_usd'])} spent so far, run rate {usd(ft['daily_rate_usd'])}/day")
+    out.append(f"Spent so far {usd(ft['spent_usd'])} in {f['month']}")
+    out.append(f"Forecast    {f['month']}: {usd(ft['forecast_usd'])} = spent so far + "
+               f"{usd(ft['projected_usd'])} projected (likely {usd(ft['low_usd'])} to "
+               f"{usd(ft['high_usd'])}); run rate {usd(ft['daily_rate_usd'])}/day")
     for title, key, keys in (("Spend by provider", "by_provider", ["provider"]),
                              ("Spend by model", "by_model", ["provider", "model"]),
                              ("Spend by customer", "by_customer", ["customer"]),
@@ -198,23 +194,26 @@ def render_text(report: dict[str, Any]) -> str:
         out.append(table([{"provider": r["provider"] or "(none)", "outcome": r["outcome"],
                            "calls": r["calls"]} for r in report["errors"]]))
     out += ["", f"Forecast for {f['month']} (to {f['month_end']}, 90% band)"]
-    rows = [{"scope": "total", "spent": usd(ft["spent_usd"]),
-             "forecast": usd(ft["forecast_usd"]),
-             "band": f"{usd(ft['low_usd'])} - {usd(ft['high_usd'])}"}]
-    rows += [{"scope": f"customer={c['customer']}", "spent": usd(c["spent_usd"]),
-              "forecast": usd(c["forecast_usd"]),
-              "band": f"{usd(c['low_usd'])} - {usd(c['high_usd'])}"} for c in f["customers"]]
-    out.append(table(rows))
+    out.append(forecast_table([("total", ft)] + [(f"customer={c['customer']}", c)
+                                                 for c in f["customers"]]))
     if f["budgets"]:
         out += ["", "Budgets (current period, projected to its end)"]
         out.append(budget_table(f["budgets"]))
     return "\n".join(out)
 
 
+def forecast_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """Spent so far (exact, as every view shows it), then the projection, labelled apart."""
+    return table([{"scope": scope, "spent so far": usd(r["spent_usd"]),
+                   "projected rest": usd(r["projected_usd"]), "forecast": usd(r["forecast_usd"]),
+                   "90% band": f"{usd(r['low_usd'])} - {usd(r['high_usd'])}"}
+                  for scope, r in rows])
+
+
 def budget_table(rows: list[dict[str, Any]]) -> str:
     return table([{
         "budget": (f"{b['name']}: " if b["name"] else "") + b["scope"], "period": b["period"],
-        "limit": usd(b["limit_usd"]), "spent": usd(b["spent_usd"]),
-        "forecast": usd(b["forecast_usd"]),
+        "limit": usd(b["limit_usd"]), "spent so far": usd(b["spent_usd"]),
+        "projected rest": usd(b["projected_usd"]), "forecast": usd(b["forecast_usd"]),
         "runs out": b["exhausted_on"] or ("at risk" if b["at_risk"] else "-"),
         "resets": b["resets_at"][:10]} for b in rows])

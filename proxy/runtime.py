@@ -186,11 +186,12 @@ async def build_runtime(settings: Settings, services: Services,
         alerts = Alerts(settings.alerts.thresholds, settings.alerts.webhook_url,
                         services.tasks.spawn, services.session,
                         claim=services.ledger.claim_alert if services.ledger.shared else None,
-                        fired=old.alerts.fired if old is not None else None)
+                        fired=old.alerts.fired if old is not None else None,
+                        seen=old.alerts.seen if old is not None else None)
         budgets = Budgets(parts.budgets, services.ledger, parts.prices, settings, alerts,
                           services.tasks.spawn, services.clock, parts.rate_limits)
         known = {b.identity for b in old.budgets} if old is not None else set()
-        seen = {scope for _, scope, _ in old.alerts.utilisation.values()} if old else set()
+        seen = set(old.alerts.seen) if old is not None else set()
         fresh = [b for b in parts.budgets if b.identity not in known]
         try:
             await rebuild_spend(budgets, fresh, settings.storage.usage_log, services.writer,

@@ -90,7 +90,8 @@ def test_explain_shows_each_class_times_rate(logged: Stack, tmp_path: Path, caps
     assert f"priced by {row['pricing_version']}" in out
     assert re.search(rf"input\s+{row['input_tokens']} tokens x \$0\.15/1M", out)
     assert re.search(rf"output\s+{row['output_tokens']} tokens x \$0\.6/1M", out)
-    assert f"= ${row['cost_usd']}" in out
+    # the exact amount, never the float's exponent form ($1.875e-05)
+    assert f"= ${Decimal(str(row['cost_usd'])):f}\n" in out and "e-0" not in out
 
 
 def test_keys_new_prints_key_and_its_hash(capsys) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,7 @@ def test_budget_forecasts_per_scope(trend_logs: list[Path]) -> None:
     by_scope = {r["scope"]: r for r in rows}
     assert {f"feature={f}" for f in spent} <= set(by_scope)
     for feature, usd in spent.items():
-        assert by_scope[f"feature={feature}"]["spent_usd"] == pytest.approx(float(usd), abs=1e-4)
+        assert by_scope[f"feature={feature}"]["spent_usd"] == usd  # exact: the log's own sum
     week = by_scope["key=prod-web"]
     assert week["resets_at"] == "2026-03-23T00:00:00Z" and week["at_risk"]
     assert week["exhausted_on"] is not None
@@ -148,9 +149,11 @@ def test_forecast_cli(trend_logs: list[Path], tmp_path: Path, capsys) -> None:
     assert main([*args, "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["month"] == "2026-03" and data["month_end"] == "2026-04-01"
-    total = data["total"]
+    total = {k: Decimal(v) if k.endswith("_usd") else v for k, v in data["total"].items()}
+    assert all(isinstance(data["total"][k], str) for k in total if k.endswith("_usd"))
     assert total["low_usd"] <= total["forecast_usd"] <= total["high_usd"]
     assert total["spent_usd"] < total["forecast_usd"]
+    assert total["forecast_usd"] == total["spent_usd"] + total["projected_usd"]
     assert data["customers"][0]["customer"] == "customer-0000"
     (b,) = data["budgets"]
     assert b["name"] == "big-one" and b["exhausted_on"] <= "2026-03-18"
@@ -159,7 +162,7 @@ def test_forecast_cli(trend_logs: list[Path], tmp_path: Path, capsys) -> None:
     assert "Forecast for 2026-03" in out and "big-one: customer=customer-0000" in out
     assert main([*args, "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "kind,name,spent_usd,forecast_usd,low_usd,high_usd"  # tidy: kind column
+    assert lines[0] == "kind,name,spent_usd,projected_usd,forecast_usd,low_usd,high_usd"
     kinds = [line.split(",")[0] for line in lines[1:]]
     assert kinds[0] == "total" and "customer" in kinds and kinds[-1] == "budget"
     assert lines[-1].startswith("budget,customer=customer-0000,")

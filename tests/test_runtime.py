@@ -174,3 +174,61 @@ def test_importing_the_proxy_does_no_work() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["0", "1"]
+
+
+def test_reload_keeps_every_customers_budget_in_the_admin_views(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `customer: "*"` budget shows each customer's period in GET /_meter/budgets and on
+    the dashboard after a reload, before that customer calls again: acme's call settled
+    before the reload; globex's call was answered but its settle (held here at the ledger)
+    finished only after the reload had swapped the snapshot. Before the fix, globex's
+    period was missing from both views until globex called again."""
+    stack = stack_with(tmp_path, monkeypatch, budgets=[
+        {"name": "per-customer", "scope": {"customer": "*"}, "period": "month",
+         "limit_usd": 5}])
+    try:
+        client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0,
+                               timeout=10)
+
+        def call(customer: str) -> None:
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi."}],
+                extra_headers={"X-Meter-Customer": customer})
+
+        stack.sim.then(Scenario(usage=SPEND_USAGE))
+        call("acme")
+        stack.settle()
+
+        async def new_gate() -> asyncio.Event:
+            return asyncio.Event()
+
+        gate = stack.call(new_gate())
+        ledger = stack.server.services.ledger
+        settle = ledger.settle
+
+        async def held_settle(*args: Any, **kwargs: Any) -> Any:
+            await gate.wait()
+            return await settle(*args, **kwargs)
+
+        monkeypatch.setattr(ledger, "settle", held_settle)
+        stack.sim.then(Scenario(usage=SPEND_USAGE))
+        call("globex")  # answered; its settle waits at the gate on the old snapshot
+        config = dict(stack.config)
+        config["budgets"] = [{**config["budgets"][0], "limit_usd": 6}]  # same budget, new limit
+        stack.write_config(config)
+        assert http("POST", f"{stack.url}/_meter/reload", b"", AUTH).status_code == 200
+        stack.loop.call_soon_threadsafe(gate.set)
+        stack.rows(2)
+        stack.settle()
+        # $0.03 each (SPEND_USAGE, by hand above), now under the reloaded $6 limit.
+        want = [("customer=acme", SPENT, Decimal(6)), ("customer=globex", SPENT, Decimal(6))]
+        for _ in range(2):  # and again after a reload with nothing running
+            status = http("GET", f"{stack.url}/_meter/budgets", None, AUTH).json()
+            assert [(s["scope"], Decimal(s["spent_usd"]), Decimal(s["limit_usd"]))
+                    for s in status] == want
+            page = http("GET", f"{stack.url}/_meter/", None, AUTH).content.decode()
+            for scope, _, _ in want:
+                assert f"<span>per-customer: {scope}</span>" in page, scope
+            assert http("POST", f"{stack.url}/_meter/reload", b"", AUTH).status_code == 200
+    finally:
+        stack.close()
