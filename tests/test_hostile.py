@@ -522,3 +522,36 @@ def test_metrics_under_workers_count_every_worker(tmp_path: Path) -> None:
                 proxy.stop()
     finally:
         sim.close()
+
+
+def test_wrong_keys_on_a_real_path_write_no_rows(stack: Stack) -> None:
+    """Unauthenticated calls to a real provider path (no key, a wrong key) are refused with
+    a 401 and counted in /metrics, but write no usage row: rows are for known keys."""
+    before = len(stack.rows())
+    refused = dict(stack.runtime.metrics.refused)
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    for i in range(20):
+        auth = {"Authorization": f"Bearer mp-wrong-{i}"} if i % 2 else {}
+        reply = post(stack, CHAT, body, {**auth, "Content-Type": "application/json"})
+        assert reply.status_code == 401
+    client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    rows = stack.rows(before + 1)
+    assert len(rows) == before + 1 and rows[-1]["key_name"] == "team-a"
+    now = stack.runtime.metrics.refused
+    assert now[(("status", "401"),)] - refused.get((("status", "401"),), 0) == 20
+
+
+def test_connection_named_response_headers_stop_at_the_proxy(stack: Stack) -> None:
+    """Through the real server: headers the provider names in its `Connection:` answer
+    header are not passed on to the client; the others are."""
+    from proxy.simulator import Scenario
+
+    stack.sim.then(Scenario(headers={"Connection": "X-Upstream-Hop", "X-Upstream-Hop": "1",
+                                     "X-Upstream-Kept": "yes"}))
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    reply = post(stack, CHAT, body, {"Authorization": f"Bearer {VIRTUAL_KEY}",
+                                     "Content-Type": "application/json"})
+    assert reply.status_code == 200
+    got = {k.lower(): v for k, v in reply.headers.items()}
+    assert got.get("x-upstream-kept") == "yes" and "x-upstream-hop" not in got
