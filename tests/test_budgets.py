@@ -273,7 +273,7 @@ def test_budgets_cli_and_admin_api(tmp_path: Path, capsys: pytest.CaptureFixture
         assert main(["budgets", "--config", str(stack.config_path), "--format", "json"]) == 0
         (cli,) = json.loads(capsys.readouterr().out)
         assert {k: cli[k] for k in ("scope", "period", "limit_usd")} == {
-            "scope": "customer=acme", "period": "month", "limit_usd": 1}
+            "scope": "customer=acme", "period": "month", "limit_usd": "1"}  # exact strings
         assert Decimal(str(cli["spent_usd"])) == cost
         assert Decimal(str(cli["remaining_usd"])) == 1 - cost
         assert cli["resets_at"].endswith("T00:00:00Z")
