@@ -1041,7 +1041,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=0.25,
                         help="pause after each cell before CPU is read (0.25 s)")
     parser.add_argument("--max-calls", type=int, default=100_000, help="cap per cell")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json",
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loadgen.json",
                         help="JSON results; the markdown goes beside it as .md")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "performance.png"),
                         help="PNG of throughput (needs matplotlib; '' for none)")
@@ -1052,6 +1052,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="give meterproxy's key a (never reached) monthly budget that "
                              "every call reserves and settles against (default: on)")
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the processes' configs, logs and meterproxy's usage log "
+                             "here (default: a temporary directory, removed)")
     parser.add_argument("--litellm-python", default="auto",
                         help="a Python with litellm[proxy] installed; auto (default): the venv "
                              "bench/litellm_venv.sh makes, else this Python if it has it")
@@ -1075,9 +1078,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     print("starting the fake provider, the pass-through, meterproxy and LiteLLM",
           file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="meterproxy-bench-") as tmp, \
-            asyncio.Runner(loop_factory=new_loop) as runner:
-        results = runner.run(run(args, Path(tmp)))
+    with contextlib.ExitStack() as stack:
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            tmp = args.workdir
+        else:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="meterproxy-bench-")))
+        runner = stack.enter_context(asyncio.Runner(loop_factory=new_loop))
+        results = runner.run(run(args, tmp))
     results["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = round(time.monotonic() - started, 1)
     if args.out:

@@ -215,7 +215,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"machine with the proxies. Medians over {s['rounds']} interleaved rounds of "
         f"{s['duration_s']:g} s. \"embedded\" is the default set-up: SQLite log, in-process "
         "ledger, one process. Proxy CPU is every worker's; backend CPU is PostgreSQL's "
-        "and Redis's, per call.", "",
+        f"and Redis's, per call. Load average (1/5/15 min) before the run "
+        f"{' / '.join(map(str, m.get('loadavg_before', [])))}.", "",
         "| conc | target | req/s | × embedded | p50 ms | p99 ms | proxy CPU ms/call "
         "| backend CPU ms/call | errors |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
