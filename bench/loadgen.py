@@ -634,9 +634,10 @@ def header(results: dict[str, Any]) -> str:
         f"Commit {src['commit']}{dirty}, {results.get('started_utc', '')}; "
         f"{', '.join(s['dialects'])}; budget {'on' if s['budget'] else 'off'}, tags, "
         f"SQLite log and JSON logs on"
-        f"{', OpenTelemetry on' if s.get('otel') else ''}. Medians over {s['rounds']} rounds "
-        f"of {s['duration_s']:g} s per cell; streams of {s['chunks']} content chunks with "
-        f"usage. Machine: {m['nproc']} cores ({m['cpu_model']}), Python {m['python']}, "
+        f"{', OpenTelemetry on' if s.get('otel') else ''}. Medians over {s['rounds']} "
+        f"round{'s' if s['rounds'] != 1 else ''} of {s['duration_s']:g} s per cell; "
+        f"streams of {s['chunks']} content chunks with usage. Machine: {m['nproc']} cores "
+        f"({m['cpu_model']}), Python {m['python']}, "
         f"aiohttp {m['aiohttp']}, {m['event_loop']} event loop"
         + (f", LiteLLM {litellm['version']}" if litellm.get("version") else "")
         + f". Load average (1/5/15 min) {' / '.join(map(str, load))} before, "
