@@ -67,13 +67,13 @@ def section(load: dict[str, Any] | None, soaked: dict[str, Any] | None,
         out += ["No loadgen results yet: run `python -m bench.all`.", ""]
     else:
         busy = under_load(load)
-        flags = [note] if note else []
-        if busy is not None:
-            flags.append(f"measured under load: other processes took {busy:.0f}% of the CPU "
-                         "(median over cells), so latency and throughput figures are noise; "
-                         "re-run `python -m bench.all` on a quiet box")
-        if flags:
-            out += ["**Preliminary** (" + "; ".join(flags) + ").", ""]
+        if note or busy is not None:
+            out += ["**Preliminary" + (", under load" if busy is not None else "") + ".** "
+                    + (f"{note.rstrip('.')}. " if note else "")
+                    + (f"Other processes took {busy:.0f}% of the CPU (median over cells): "
+                       "latency and throughput figures are noise, CPU per call and the "
+                       "paired ratios less so; re-run `python -m bench.all` on a quiet box."
+                       if busy is not None else ""), ""]
         out += [
             "`python -m bench.all` runs `bench.loadgen` (how it works and what each figure "
             "means: [bench/README.md](../bench/README.md)): a fake provider answering at once "
