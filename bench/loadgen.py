@@ -631,7 +631,9 @@ def header(results: dict[str, Any]) -> str:
     others = [x["others_cpu_pct"] for x in results["samples"] if x["others_cpu_pct"] is not None]
     litellm = results.get("litellm") or {}
     return (
-        f"Commit {src['commit']}{dirty}, {results.get('started_utc', '')}; "
+        f"Commit {src['commit']}{dirty}"
+        + (f" (proxy/ and pricing/ as of {src['proxy_commit']})" if src.get("proxy_commit")
+           else "") + f", {results.get('started_utc', '')}; "
         f"{', '.join(s['dialects'])}; budget {'on' if s['budget'] else 'off'}, tags, "
         f"SQLite log and JSON logs on"
         f"{', OpenTelemetry on' if s.get('otel') else ''}. Medians over {s['rounds']} "
@@ -850,7 +852,10 @@ def source() -> dict[str, Any]:
             return ""
 
     return {"commit": git("rev-parse", "--short", "HEAD") or None,
-            "proxy_dirty": bool(git("status", "--porcelain", "--", "proxy", "pricing"))}
+            "proxy_dirty": bool(git("status", "--porcelain", "--", "proxy", "pricing")),
+            # The last commit that changed what is measured: unlike HEAD, a bench-only
+            # branch rebased onto main keeps pointing at a commit main has.
+            "proxy_commit": git("log", "-1", "--format=%h", "--", "proxy", "pricing") or None}
 
 
 def usage_log_counts(db: Path) -> dict[str, dict[str, int]]:
