@@ -81,6 +81,8 @@ class StorageConfig:
     flush_interval_ms: int = 250
     batch_rows: int = 500
     max_backlog_rows: int = 100_000
+    # Identical refusals of one key starting within this time of the first: one row.
+    fold_refusals_ms: int = 1000
     ledger_failure: LedgerFailure = LedgerFailure.CLOSED
     spool_dir: str = "meterproxy-spool"
     # The secret that keys the stable-prefix hashes (proxy.fingerprint); unset: a file.
@@ -324,6 +326,8 @@ def _validate(s: Settings) -> None:
         fail("server.max_body_mb", "must be positive")
     if s.server.refusal_status not in REFUSAL_STATUSES:
         fail("server.refusal_status", f"must be 429, 402 or 403, not {s.server.refusal_status!r}")
+    if s.storage.fold_refusals_ms < 0:
+        fail("storage.fold_refusals_ms", "must be 0 (never fold) or more")
     for name in ("header_timeout_s", "body_timeout_s", "max_connections",
                  "estimate_bytes_above_kb"):
         if getattr(s.server, name) <= 0:

@@ -209,7 +209,7 @@ def focus_rows(charges: Iterable[dict[str, Any]], list_prices: ListPrices,
         if row["priced"]:
             _add_priced(lines, row, list_prices)
         else:
-            stats.unpriced_calls += 1
+            stats.unpriced_calls += row.get("repeat_count") or 1
             stats.unpriced_models.add(f"{row['provider']}/{row['model']}")
             if unpriced is Unpriced.INCLUDE:
                 _add_unpriced(lines, row)
@@ -258,7 +258,7 @@ def _add_priced(lines: dict[tuple, _Line], row: dict[str, Any], prices: ListPric
                 name, per, unit, sku_id, price_id, details, version, tier, rate, list_rate,
                 note)
         line.units += units
-        line.calls += 1
+        line.calls += row.get("repeat_count") or 1
 
 
 def _add_unpriced(lines: dict[tuple, _Line], row: dict[str, Any]) -> None:
@@ -272,7 +272,7 @@ def _add_unpriced(lines: dict[tuple, _Line], row: dict[str, Any]) -> None:
                 None, None, None, None,
                 f"unpriced: no price for {row['model']!r} in the {row['provider']} table")
         line.units += units
-        line.calls += 1
+        line.calls += row.get("repeat_count") or 1
 
 
 def _emit(first: dict[str, Any], lines: dict[tuple, _Line], traces: int, step: timedelta,

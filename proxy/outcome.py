@@ -21,6 +21,12 @@ class Outcome(StrEnum):
 # said no).
 ERROR_OUTCOMES = (Outcome.UPSTREAM_ERROR, Outcome.PROXY_ERROR, Outcome.REJECTED)
 REFUSAL_OUTCOMES = (Outcome.BUDGET_EXCEEDED, Outcome.RATE_LIMITED)
+# Calls the proxy refused itself, before anything was forwarded or charged: the only rows
+# the writer may fold (identical ones from one key within a second become one row with
+# repeat_count N). A rate limit's refusals fold too: a client retrying into a closed
+# window must not write a row per attempt either.
+FOLDABLE_OUTCOMES = frozenset({Outcome.BUDGET_EXCEEDED.value, Outcome.RATE_LIMITED.value,
+                               Outcome.REJECTED.value})
 
 
 class UsageSource(StrEnum):

@@ -68,6 +68,7 @@ class Server:
                                  interval_s=storage.flush_interval_ms / 1000,
                                  batch_rows=storage.batch_rows,
                                  max_backlog=storage.max_backlog_rows,
+                                 fold_s=storage.fold_refusals_ms / 1000,
                                  journal=journal.Journal(journal_at))
             writer.start()
             for row in orphans:

@@ -291,8 +291,9 @@ def test_migrations_upgrade_an_m001_log_with_rows(tmp_path: Path) -> None:
 
 
 def test_queries_use_the_indexes(log) -> None:
-    """The planner reads the covering indexes for customer and feature, and the partial
-    index for unpriced calls, instead of the table."""
+    """The planner reads the customer and feature indexes in group order, and the partial
+    index for unpriced calls. (Since m005 the calls are sum(repeat_count), a column those
+    indexes do not cover, so each row is also read from the table.)"""
     conn, _ = log
 
     def plan(q: UsageQuery) -> str:
@@ -311,7 +312,7 @@ def test_queries_use_the_indexes(log) -> None:
             sql.fetch_dicts = real
         return captured[0]
 
-    assert "COVERING INDEX idx_usage_customer_cover" in plan(UsageQuery(group_by=["customer"]))
-    assert "COVERING INDEX idx_usage_feature_cover" in plan(
+    assert "INDEX idx_usage_customer_cover" in plan(UsageQuery(group_by=["customer"]))
+    assert "INDEX idx_usage_feature_cover" in plan(
         UsageQuery(group_by=["feature"], since=START + timedelta(days=20)))
     assert "idx_usage_unpriced_ts" in plan(UsageQuery(where={"priced": "0"}))

@@ -19,7 +19,7 @@ from proxy.token_classes import COLUMNS as COUNT_COLUMNS
 # One charge group: the period bucket and the attribution a FOCUS row is keyed by.
 GROUP = ("period", "provider", "model", "key_name", "customer", "feature", "tags")
 _FIXED = ("ts", "provider", "model", "key_name", "customer", "feature", "tags", "trace_id",
-          "pricing_version", "priced", "cost_breakdown")
+          "pricing_version", "priced", "cost_breakdown", "repeat_count")
 _PERIOD = {"hour": "substr(ts, 1, 13)", "day": "substr(ts, 1, 10)"}
 BATCH_ROWS = 2000
 

@@ -1,8 +1,10 @@
 """The journal of calls whose rows are not yet in the usage log, so `kill -9` loses none.
 
-Three kinds of line, appended (one `write` each, O_APPEND) to a file this process holds
+Four kinds of line, appended (one `write` each, O_APPEND) to a file this process holds
 locked: `+` a call went upstream (a stand-in row), `=` its real row was queued for the
-writer, `-` the writer committed these ids. A process that dies leaves its file unlocked;
+writer, `~` the writer folded identical refusals into one row (that row, and the ids it
+absorbed: one line, so a replay sees the fold whole or not at all), `-` the writer
+committed these ids. A process that dies leaves its file unlocked;
 the next one to start reads it and queues, for every id never committed, its real row if
 it had one, else the stand-in marked `proxy_error` (a stream cut off by the kill). The log
 ignores ids it already holds, so a replay can never double a row.
@@ -93,6 +95,10 @@ class Journal:
                 self._current.open_ids += 1
         self._append(b"=" + orjson.dumps(row.values()) + b"\n")
 
+    def folded(self, row: UsageRow, absorbed: list[str]) -> None:
+        """`row` (its repeat_count now counting them) stands for the `absorbed` rows too."""
+        self._append(b"~" + orjson.dumps([row.values(), absorbed]) + b"\n")
+
     def committed(self, ids: list[str]) -> None:
         """These rows are in the usage log (called by the writer thread)."""
         self._append(b"-" + orjson.dumps(ids) + b"\n")
@@ -145,6 +151,11 @@ def recover(directory: str | Path) -> list[UsageRow]:
             if kind == b"-":
                 for call_id in value:
                     states.pop(call_id, None)
+            elif kind == b"~":
+                values, absorbed = value
+                for call_id in absorbed:
+                    states.pop(call_id, None)
+                states[values[0]] = ("=", values)
             elif kind == b"=" or (kind == b"+" and value[0] not in states):
                 states[value[0]] = (kind.decode(), value)
     rows = []

@@ -51,8 +51,8 @@ def metered_by_day(conn: Any, flavor: SqlFlavor, provider: str, since: datetime,
     found: dict[tuple[str, str], MeteredDay] = {}
     sums = ", ".join(f"sum({c})" for c in COLUMNS)
     for d, m, calls, unpriced, *counts in _all(
-            conn, f"SELECT {day}, {model}, count(*), sum(CASE WHEN priced = 0 THEN 1 ELSE 0 "
-                  f"END), {sums} FROM usage {where} GROUP BY 1, 2", params):
+            conn, f"SELECT {day}, {model}, sum(repeat_count), sum(CASE WHEN priced = 0 THEN "
+                  f"repeat_count ELSE 0 END), {sums} FROM usage {where} GROUP BY 1, 2", params):
         entry = found[(d, m or "")] = MeteredDay(calls=calls, unpriced_calls=unpriced or 0)
         split = priced_counts({c: int(n or 0) for c, n in zip(COLUMNS, counts, strict=True)})
         entry.counts.update({name: n for name, n in split.items() if n})

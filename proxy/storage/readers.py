@@ -108,7 +108,7 @@ class LogReader:
         terms, params = q_sql.conditions(UsageQuery(since=since, until=until,
                                                      where={"priced": "0"}), self.flavor)
         return q_sql.fetch_dicts(
-            self.conn, "SELECT provider, model, count(*) AS calls, min(ts) AS first_ts, "
+            self.conn, "SELECT provider, model, sum(repeat_count) AS calls, min(ts) AS first_ts, "
             f"max(ts) AS last_ts FROM usage WHERE {' AND '.join(terms)} "
             "GROUP BY provider, model ORDER BY calls DESC, provider, model", params)
 

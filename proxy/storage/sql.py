@@ -159,16 +159,18 @@ def _typed(name: str, value: str) -> Any:
 
 
 def _aggregates(flavor: SqlFlavor, spend_only: bool) -> str:
-    spend = (f"count(*) AS calls, sum({flavor.cost_units}) AS cost_units, "
-             "coalesce(sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END), 0) AS unpriced_calls")
+    # A row stands for repeat_count calls (identical refusals folded into one row).
+    spend = (f"coalesce(sum(repeat_count), 0) AS calls, sum({flavor.cost_units}) AS cost_units, "
+             "coalesce(sum(CASE WHEN priced = 0 THEN repeat_count ELSE 0 END), 0) "
+             "AS unpriced_calls")
     if spend_only:
         return spend
     sums = ", ".join(f"coalesce(sum({c}), 0) AS {c}" for c in CLASS_COLUMNS)
     errors, refusals = _ERRORS, _REFUSALS
-    return (f"count(*) AS calls, {sums}, sum({flavor.cost_units}) AS cost_units, "
-            "coalesce(sum(CASE WHEN priced = 0 THEN 1 ELSE 0 END), 0) AS unpriced_calls, "
-            f"coalesce(sum(CASE WHEN outcome IN ({errors}) THEN 1 ELSE 0 END), 0) AS errors, "
-            f"coalesce(sum(CASE WHEN outcome IN ({refusals}) THEN 1 ELSE 0 END), 0) "
+    return (f"{spend}, {sums}, "
+            f"coalesce(sum(CASE WHEN outcome IN ({errors}) THEN repeat_count ELSE 0 END), 0) "
+            "AS errors, "
+            f"coalesce(sum(CASE WHEN outcome IN ({refusals}) THEN repeat_count ELSE 0 END), 0) "
             "AS refusals")
 
 
@@ -180,7 +182,7 @@ _ORDER_SQL = {
                       "1.0 * sum(cached_input_tokens) / "
                       "(sum(cached_input_tokens) + sum(input_tokens)) ELSE 0 END",
     "error_rate": "1.0 * sum(CASE WHEN outcome IN "
-                  f"({_ERRORS}) THEN 1 ELSE 0 END) / count(*)",
+                  f"({_ERRORS}) THEN repeat_count ELSE 0 END) / sum(repeat_count)",
 }
 
 
@@ -309,7 +311,7 @@ def _add_percentiles(conn: Any, q: UsageQuery, flavor: SqlFlavor,
             parts.append(f"{expr} IS NULL")
             params += expr_params
         terms.append("(" + " OR ".join(parts) + ")")
-    selects += [flavor.duration_bucket, "count(*)"]
+    selects += [flavor.duration_bucket, "sum(repeat_count)"]
     n = len(selects) - 1
     sql = (f"SELECT {', '.join(selects)} FROM usage WHERE {' AND '.join(terms)} "
            f"GROUP BY {', '.join(str(i + 1) for i in range(n))}")
