@@ -33,6 +33,12 @@ NODE_CACHE = Path(os.environ.get("METERPROXY_NODE_CACHE",
 NODE_INSTALL = "apt-get install -y nodejs npm   (the Node clients install themselves from npm)"
 PY_NODEPS = NODE_DIR / "requirements-nodeps.txt"
 PY_CACHE = NODE_CACHE.parent / "py-clients"
+# METERPROXY_CLIENTS_LATEST=1: every client at its newest release instead of the pinned one
+# (Node: npm's latest; Python: a venv of PyPI's newest, one a day, next to the Node ones).
+LATEST = bool(os.environ.get("METERPROXY_CLIENTS_LATEST"))
+PY_LATEST = ("openai", "anthropic", "google-genai", "langchain-openai", "langchain-anthropic",
+             "langchain-google-genai", "pydantic-ai-slim[openai,anthropic,google]", "litellm",
+             "instructor", "llm", "pyyaml")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Client:
     attempts_on_429: int  # how many times it sends the refused call in all
     raises: str  # the exception (or outcome) the caller sees
     usage_streamed: bool = True  # whether the client hands the caller a stream's usage
+    base: str = ""  # what it is set to after the proxy's address (README: P+"<base>")
 
 
 def _failed(exc: BaseException) -> ClientFailed:
@@ -390,6 +397,43 @@ def nodeps_dir() -> Path:
     return target
 
 
+def latest_python() -> Path:
+    """A venv holding the newest release of every Python client (PY_LATEST), installed
+    from PyPI once a day into the cache; with METERPROXY_CLIENTS_LATEST each Python
+    client's call runs in it (`python -m tests.client_matrix`), so the pinned versions the
+    test process imported are not in the way."""
+    target = PY_CACHE / f"latest-{time.strftime('%Y%m%d')}"
+    python = target / "bin" / "python"
+    if not (target / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(target)], check=True,
+                       capture_output=True, timeout=300)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", *PY_LATEST],
+                       check=True, capture_output=True, timeout=1800)
+        (target / ".installed").touch()
+    return python
+
+
+def _in_latest(name: str) -> Callable[[Request], Answer]:
+    def run(req: Request) -> Answer:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run([str(latest_python()), "-m", "tests.client_matrix", name,
+                              json.dumps(dataclasses.asdict(req))], cwd=root,
+                             env={**os.environ, "PYTHONPATH": str(root)},
+                             capture_output=True, text=True, timeout=180)
+        try:
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise ClientFailed(f"python exit {out.returncode}", None,
+                               out.stderr[-500:]) from None
+        if "error" in result:
+            error = result["error"]
+            raise ClientFailed(error["name"], error["status"], error["message"])
+        return Answer(result["text"], result["input_tokens"], result["output_tokens"])
+
+    run.__name__ = f"latest_{name}"
+    return run
+
+
 # --- Node -----------------------------------------------------------------------------
 
 def node_dir() -> Path:
@@ -398,7 +442,7 @@ def node_dir() -> Path:
     if not (shutil.which("node") and shutil.which("npm")):
         raise FileNotFoundError(NODE_INSTALL)
     pinned = json.loads((NODE_DIR / "package.json").read_text())
-    if os.environ.get("METERPROXY_CLIENTS_LATEST"):
+    if LATEST:
         target = NODE_CACHE / f"latest-{time.strftime('%Y%m%d')}"
         latest = {**pinned, "dependencies": dict.fromkeys(pinned["dependencies"], "latest")}
         files = {"package.json": json.dumps(latest, indent=2)}
@@ -447,43 +491,69 @@ def _on(provider: str, fn: Callable[[str, Request], Answer]) -> Callable[[Reques
 
 _PY = "Python"
 MATRIX: tuple[Client, ...] = (
-    Client("openai", _PY, "openai", "openai", openai_sdk, 1, "RateLimitError"),
-    Client("anthropic", _PY, "anthropic", "anthropic", anthropic_sdk, 1, "RateLimitError"),
-    Client("google-genai", _PY, "gemini", "google-genai", google_genai, 1, "ClientError"),
+    Client("openai", _PY, "openai", "openai", openai_sdk, 1, "RateLimitError",
+           base="/openai/v1"),
+    Client("anthropic", _PY, "anthropic", "anthropic", anthropic_sdk, 1, "RateLimitError",
+           base="/anthropic"),
+    Client("google-genai", _PY, "gemini", "google-genai", google_genai, 1, "ClientError",
+           base="/gemini"),
     Client("langchain-openai", _PY, "openai", "langchain-openai", langchain_openai, 1,
-           "RateLimitError"),
+           "RateLimitError", base="/openai/v1"),
     Client("langchain-anthropic", _PY, "anthropic", "langchain-anthropic",
-           langchain_anthropic, 1, "RateLimitError"),
+           langchain_anthropic, 1, "RateLimitError", base="/anthropic"),
     Client("langchain-google-genai", _PY, "gemini", "langchain-google-genai",
-           langchain_google, 6, "GoogleRateLimitError"),
+           langchain_google, 6, "GoogleRateLimitError", base="/gemini"),
     Client("pydantic-ai (openai)", _PY, "openai", "pydantic-ai-slim", pydantic_ai_openai, 1,
-           "ModelRateLimitError"),
+           "ModelRateLimitError", base="/openai/v1"),
     Client("pydantic-ai (anthropic)", _PY, "anthropic", "pydantic-ai-slim",
-           pydantic_ai_anthropic, 1, "ModelRateLimitError"),
+           pydantic_ai_anthropic, 1, "ModelRateLimitError", base="/anthropic"),
     Client("pydantic-ai (google)", _PY, "gemini", "pydantic-ai-slim", pydantic_ai_google, 1,
-           "ModelRateLimitError"),
+           "ModelRateLimitError", base="/gemini"),
     Client("litellm (openai)", _PY, "openai", "litellm", _on("openai", _litellm), 1,
-           "RateLimitError"),
+           "RateLimitError", base=LITELLM_BASE["openai"]),
     Client("litellm (anthropic)", _PY, "anthropic", "litellm", _on("anthropic", _litellm), 1,
-           "RateLimitError"),
+           "RateLimitError", base=LITELLM_BASE["anthropic"]),
     Client("litellm (gemini)", _PY, "gemini", "litellm", _on("gemini", _litellm), 1,
-           "RateLimitError"),
+           "RateLimitError", base=LITELLM_BASE["gemini"]),
     Client("instructor", _PY, "openai", "instructor", instructor_openai, 1,
-           "InstructorRetryException", usage_streamed=False),
-    Client("llm CLI", _PY, "openai", "llm", llm_cli, 1, "exit 1"),
-    Client("curl (openai)", "shell", "openai", "", _on("openai", _curl), 1, "exit 22"),
-    Client("curl (anthropic)", "shell", "anthropic", "", _on("anthropic", _curl), 1, "exit 22"),
-    Client("curl (gemini)", "shell", "gemini", "", _on("gemini", _curl), 1, "exit 22"),
-    Client("openai (Node)", "Node", "openai", "openai", _node("openai"), 1, "RateLimitError"),
+           "InstructorRetryException", usage_streamed=False, base="/openai/v1"),
+    Client("llm CLI", _PY, "openai", "llm", llm_cli, 1, "exit 1", base="/openai/v1"),
+    Client("curl (openai)", "shell", "openai", "", _on("openai", _curl), 1, "exit 22",
+           base=_CURL["openai"][0]),
+    Client("curl (anthropic)", "shell", "anthropic", "", _on("anthropic", _curl), 1,
+           "exit 22", base=_CURL["anthropic"][0]),
+    Client("curl (gemini)", "shell", "gemini", "", _on("gemini", _curl), 1, "exit 22",
+           base=_CURL["gemini"][0].split("{")[0]),
+    Client("openai (Node)", "Node", "openai", "openai", _node("openai"), 1, "RateLimitError",
+           base="/openai/v1"),
     Client("@anthropic-ai/sdk", "Node", "anthropic", "@anthropic-ai/sdk", _node("anthropic"), 1,
-           "RateLimitError"),
+           "RateLimitError", base="/anthropic"),
     Client("@google/genai", "Node", "gemini", "@google/genai", _node("google-genai"), 1,
-           "ApiError"),
+           "ApiError", base="/gemini"),
     Client("ai + @ai-sdk/openai", "Node", "openai", "@ai-sdk/openai", _node("ai-sdk-openai"), 3,
-           "RetryError"),
+           "RetryError", base="/openai/v1"),
     Client("ai + @ai-sdk/anthropic", "Node", "anthropic", "@ai-sdk/anthropic",
-           _node("ai-sdk-anthropic"), 3, "RetryError"),
+           _node("ai-sdk-anthropic"), 3, "RetryError", base="/anthropic/v1"),
     Client("ai + @ai-sdk/google", "Node", "gemini", "@ai-sdk/google", _node("ai-sdk-google"), 3,
-           "RetryError"),
+           "RetryError", base="/gemini/v1beta"),
 )
-MATRIX = tuple(dataclasses.replace(c, run=_catching(c.run)) for c in MATRIX)
+RAW = {c.name: c.run for c in MATRIX}  # the driver functions, for reading their set-up
+_PINNED = {c.name: _catching(c.run) for c in MATRIX}
+MATRIX = tuple(dataclasses.replace(c, run=_in_latest(c.name) if LATEST and c.language == _PY
+                                   else _PINNED[c.name]) for c in MATRIX)
+
+
+def _main(name: str, request: str) -> None:
+    """One Python client's call, in this interpreter (the newest-clients venv): its answer
+    or its failure as one JSON line."""
+    try:
+        answer = _PINNED[name](Request(**json.loads(request)))
+    except ClientFailed as exc:
+        print(json.dumps({"error": {"name": exc.name, "status": exc.status,
+                                    "message": str(exc)}}))
+        return
+    print(json.dumps(dataclasses.asdict(answer)))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2])

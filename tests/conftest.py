@@ -152,6 +152,16 @@ class Stack:
                 return rows
             time.sleep(0.02)
 
+    def calls(self, expected: int, timeout: float = 15) -> list[dict[str, Any]]:
+        """Every usage row so far, once they stand for `expected` calls (identical
+        refusals are folded into one row counting them: repeat_count)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.rows()
+            if sum(r["repeat_count"] for r in rows) >= expected or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.02)
+
     def last_row(self) -> dict[str, Any]:
         rows = self.rows()
         assert rows, "no usage rows"

@@ -9,8 +9,9 @@ meets an exhausted budget, and must do what the README says it does on a refusal
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import json
-import os
+import re
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -24,7 +25,18 @@ from proxy.simulator import Scenario, reply_text
 from proxy.simulator import anthropic as sim_anthropic
 from proxy.simulator import gemini as sim_gemini
 from proxy.simulator import openai as sim_openai
-from tests.client_matrix import MATRIX, Client, ClientFailed, Request, node_dir, nodeps_dir
+from tests.client_matrix import (
+    LATEST,
+    MATRIX,
+    NODE_DIR,
+    RAW,
+    Client,
+    ClientFailed,
+    Request,
+    latest_python,
+    node_dir,
+    nodeps_dir,
+)
 from tests.conftest import VIRTUAL_KEY, Stack, http, sha
 
 REFUSED_KEY = "mp-test-refused-429"
@@ -49,7 +61,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 
 def ready(client: Client) -> None:
     """Skip, with the line that installs it, a client this machine lacks."""
-    if client.language == "Node":
+    if client.language == "Python" and LATEST:
+        latest_python()  # the newest clients' venv has every one of them
+    elif client.language == "Node":
         try:
             node_dir()
         except FileNotFoundError as exc:
@@ -156,8 +170,26 @@ def test_client_that_retries_429_stops_at_402(stack: Stack, client: Client) -> N
         (402, "budget_exceeded", 1)]
 
 
-@pytest.mark.skipif(bool(os.environ.get("METERPROXY_CLIENTS_LATEST")),
-                    reason="METERPROXY_CLIENTS_LATEST runs the newest Node clients")
+@pytest.mark.skipif(LATEST, reason="METERPROXY_CLIENTS_LATEST runs the newest clients")
+def test_python_clients_are_the_pinned_versions() -> None:
+    """The Python clients the matrix imports are the versions pyproject.toml pins."""
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    pins = dict(re.findall(r'"([a-z0-9-]+)(?:\[[a-z,]+\])?==([0-9.]+)"', pyproject))
+    pins.update(re.findall(r"^([a-z0-9-]+)==([0-9.]+)$", (Path(__file__).parent / "clients"
+                                                        / "requirements-nodeps.txt").read_text(),
+                           re.MULTILINE))
+    named = {c.package for c in MATRIX if c.language == "Python"}
+    assert named - {"openai", "anthropic", "google-genai"} <= set(pins), pins
+    nodeps = str(nodeps_dir())
+    for package, version in pins.items():
+        if package == "instructor":
+            found = importlib.metadata.distributions(path=[nodeps])
+            assert {d.version for d in found if d.metadata["Name"] == package} == {version}
+        else:
+            assert importlib.metadata.version(package) == version, package
+
+
+@pytest.mark.skipif(LATEST, reason="METERPROXY_CLIENTS_LATEST runs the newest clients")
 def test_node_clients_install_from_the_lockfile() -> None:
     """The Node clients come from tests/clients/package-lock.json at its pinned versions."""
     ready(next(c for c in MATRIX if c.language == "Node"))
@@ -234,3 +266,73 @@ def test_rejected_call_row_keeps_what_was_readable(stack: Stack) -> None:
                  {"Authorization": "Bearer mp-not-a-key", "X-Meter-Customer": "acme"})
     assert reply.status_code == 401
     assert all(r["customer"] is None for r in stack.rows() if r["key_name"] is None)
+
+
+def test_curl_gzip_body_and_helicone_headers(stack: Stack, tmp_path: Path) -> None:
+    """curl sending a gzip body (as `--data-binary @body.json.gz -H "Content-Encoding:
+    gzip"`) and a Helicone set-up's headers: the provider receives the gzip bytes with
+    their Content-Encoding, which decode to the body sent, and no Helicone-* header; the
+    answer and the row are as for a plain call."""
+    import gzip
+    import subprocess
+
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 256, "messages": [
+        {"role": "user", "content": "Greet the gzip user"}]}).encode()
+    packed = tmp_path / "body.json.gz"
+    packed.write_bytes(gzip.compress(body))
+    before, received = len(stack.rows()), len(stack.sim.received)
+    out = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", f"{stack.url}/openai/v1/chat/completions",
+         "--data-binary", f"@{packed}", "-H", f"Authorization: Bearer {VIRTUAL_KEY}",
+         "-H", "Content-Type: application/json", "-H", "Content-Encoding: gzip",
+         "-H", "Helicone-Auth: Bearer sk-helicone-secret", "-H", "Helicone-Cache-Enabled: true",
+         "-H", "X-Meter-Customer: acme"], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    answer = json.loads(out.stdout)
+    assert len(stack.sim.received) == received + 1
+    sent = stack.sim.received[-1]
+    names = {k.lower(): v for k, v in sent.headers.items()}
+    assert names.get("content-encoding") == "gzip"
+    assert sent.body == body  # the simulator un-gzipped exactly what curl sent
+    assert not [n for n in names if n.startswith("helicone-")], names
+    assert answer["choices"][0]["message"]["content"] == expected_text("openai", body)
+    [row] = stack.rows(before + 1)[before:]
+    assert (row["key_name"], row["outcome"], row["customer"], row["input_tokens"],
+            row["output_tokens"]) == ("team-a", "ok", "acme", answer["usage"]["prompt_tokens"],
+                                      answer["usage"]["completion_tokens"])
+    assert "helicone" not in (row["tags"] or "").lower()
+
+
+def test_langchain_chatopenai_without_stream_usage_still_logs_usage(stack: Stack) -> None:
+    """ChatOpenAI with a custom base_url and no stream_usage streams its caller no usage;
+    the proxy asks the provider for it anyway, so the row has the exact tokens."""
+    ready(next(c for c in MATRIX if c.name == "langchain-openai"))
+    from langchain_openai import ChatOpenAI
+
+    before = len(stack.rows())
+    model = ChatOpenAI(model="gpt-4o-mini", base_url=f"{stack.url}/openai/v1",
+                       api_key=VIRTUAL_KEY, max_retries=0)
+    message = None
+    for chunk in model.stream("Greet the quiet user"):
+        message = chunk if message is None else message + chunk
+    assert message is not None and not message.usage_metadata
+    sent = orjson.loads(stack.sim.received[-1].body)
+    assert sent["stream_options"] == {"include_usage": True}  # the proxy asked for it
+    [row] = stack.rows(before + 1)[before:]
+    assert message.text == expected_text("openai", stack.sim.received[-1].body)
+    assert (row["outcome"], row["stream"], row["usage_source"]) == ("ok", 1, "provider")
+    assert row["input_tokens"] > 0 and row["output_tokens"] > 0
+    assert Decimal(str(row["cost_usd"])) == expected_cost(
+        stack, "openai", "gpt-4o-mini", row["input_tokens"], row["output_tokens"])
+
+
+@pytest.mark.parametrize("client", MATRIX, ids=IDS)
+def test_each_client_is_set_up_with_the_base_url_the_readme_gives(client: Client) -> None:
+    """The base the matrix declares for a client (test_docs holds the README to it) is the
+    one its driver really sets: in the Python function or in tests/clients/drive.mjs."""
+    if client.language == "Node":
+        assert f"`${{proxy}}{client.base}`" in (NODE_DIR / "drive.mjs").read_text()
+    elif client.name.startswith(("litellm", "curl")):
+        assert client.base  # read from the driver's own table (LITELLM_BASE, _CURL)
+    else:
+        assert f'{{req.proxy}}{client.base}"' in inspect.getsource(RAW[client.name])

@@ -146,3 +146,6 @@ def test_readme_client_table_is_the_tested_matrix() -> None:
         if client.attempts_on_429 > 1:
             assert "refusal_status: 402" in refusal, name
         assert f"/{client.provider}" in setup, name
+        # The exact base the matrix sets (P+"/gemini/v1beta", P/openai/v1/chat/completions).
+        assert any(f"{p}{client.base}{q}" in setup for p, q in (
+            ('P+"', '"'), ('P + "', '"'), ("P", ""))), (name, client.base)

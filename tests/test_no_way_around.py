@@ -444,7 +444,7 @@ def test_slow_calls_keep_their_holds_and_are_charged(tmp_path: Path) -> None:
         for t in threads:
             t.join()
         assert sorted(results) == [200, 200, 429, 429]
-        rows = s.rows(4)
+        rows = s.calls(4)
         spent = sum((Decimal(str(r["cost_usd"])) for r in rows if r["status"] == 200),
                     Decimal(0))
         assert spent == 2 * each
