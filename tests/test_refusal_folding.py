@@ -213,3 +213,36 @@ def test_sigkill_while_refusals_are_held_loses_none(tmp_path: Path) -> None:
         got = conn.execute("SELECT count(*), sum(repeat_count), min(outcome), max(outcome) "
                            "FROM usage").fetchone()
     assert got[1:] == (4, "budget_exceeded", "budget_exceeded") and 1 <= got[0] <= 4
+
+
+def test_window_counts_from_the_first_refusal_and_forwarded_calls_never_fold(
+        tmp_path: Path) -> None:
+    """Refusals starting 0, 0.5 and 0.9 s after the first fold; one at 1.2 s starts a new
+    row. A row with the same outcome that was forwarded (it has a usage source) or cost
+    something is never folded, nor is a row without a key."""
+    from proxy.storage.sqlite import SqliteUsageLog
+    from proxy.storage.writer import UsageWriter
+
+    writer = UsageWriter(SqliteUsageLog(f"sqlite:///{tmp_path / 'log.db'}"), interval_s=0.05,
+                         fold_s=1.0)
+    writer.start()
+
+    def row(call_id: str, second: str, **extra: Any) -> UsageRow:
+        fields = {"key_name": "broke", "outcome": "rejected", "status": 400,
+                  "error": "bad header", **extra}
+        return UsageRow(id=call_id, ts=f"2026-12-04T00:00:0{second}Z", **fields)
+
+    for call_id, second in (("a", "0.000000"), ("b", "0.500000"), ("c", "0.900000"),
+                            ("d", "1.200000"), ("e", "1.300000")):
+        writer.submit(row(call_id, second))
+    writer.submit(row("f", "0.100000", usage_source="provider"))
+    writer.submit(row("g", "0.200000", usage_source="provider"))
+    writer.submit(row("h", "0.300000", cost_usd=0.5))
+    writer.submit(row("i", "0.400000", cost_usd=0.5))
+    writer.submit(row("j", "0.100000", key_name=None))
+    writer.submit(row("k", "0.200000", key_name=None))
+    assert writer.flush(10)
+    writer.close()
+    with sqlite3.connect(tmp_path / "log.db") as conn:
+        got = dict(conn.execute("SELECT id, repeat_count FROM usage").fetchall())
+    assert got == {"a": 3, "d": 2, "f": 1, "g": 1, "h": 1, "i": 1, "j": 1, "k": 1}

@@ -145,7 +145,10 @@ class UsageWriter:
         self._cond = threading.Condition()
         self.failures = 0
         self._folder = RefusalFolder(fold_s)
-        self._release = False  # flush(): write held refusals now
+        # flush() asks for held refusals to be written now: a count, so an ask made while
+        # the writer reads it is seen on its next round, never lost.
+        self._release_asked = 0
+        self._release_seen = 0
 
     def start(self) -> None:
         self.log.open()
@@ -172,7 +175,7 @@ class UsageWriter:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every row submitted so far is written (for tests and shutdown)."""
         target = self._submitted
-        self._release = True
+        self._release_asked += 1
         self._wake.set()
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -215,7 +218,9 @@ class UsageWriter:
         self._wake.wait(self.interval_s)
         self._wake.clear()
         stopping = self._stopping
-        release, self._release = self._release or stopping, False
+        asked = self._release_asked
+        release = stopping or asked != self._release_seen
+        self._release_seen = asked
         batch: list[UsageRow] = []
         rows = self._rows
         while rows:
