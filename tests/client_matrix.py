@@ -38,7 +38,8 @@ PY_CACHE = NODE_CACHE.parent / "py-clients"
 LATEST = bool(os.environ.get("METERPROXY_CLIENTS_LATEST"))
 PY_LATEST = ("openai", "anthropic", "google-genai", "langchain-openai", "langchain-anthropic",
              "langchain-google-genai", "pydantic-ai-slim[openai,anthropic,google]", "litellm",
-             "instructor", "llm", "pyyaml")
+             "llm", "pyyaml")
+PY_LATEST_NODEPS = ("instructor",)  # its jiter pin conflicts with openai's (see PY_NODEPS)
 
 
 @dataclass(frozen=True)
@@ -398,17 +399,20 @@ def nodeps_dir() -> Path:
 
 
 def latest_python() -> Path:
-    """A venv holding the newest release of every Python client (PY_LATEST), installed
-    from PyPI once a day into the cache; with METERPROXY_CLIENTS_LATEST each Python
-    client's call runs in it (`python -m tests.client_matrix`), so the pinned versions the
-    test process imported are not in the way."""
+    """A venv over this environment holding the newest release of every Python client
+    (PY_LATEST), installed from the package index once a day into the cache; with
+    METERPROXY_CLIENTS_LATEST each Python client's call runs in it (`python -m
+    tests.client_matrix`), so the pinned versions the test process imported are not in
+    the way."""
     target = PY_CACHE / f"latest-{time.strftime('%Y%m%d')}"
     python = target / "bin" / "python"
     if not (target / ".installed").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(target)], check=True,
-                       capture_output=True, timeout=300)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", *PY_LATEST],
-                       check=True, capture_output=True, timeout=1800)
+        # On top of this environment: only the clients (and what they need) are upgraded.
+        subprocess.run([sys.executable, "-m", "venv", "--clear", "--system-site-packages",
+                        str(target)], check=True, capture_output=True, timeout=300)
+        for extra, names in (([], PY_LATEST), (["--no-deps"], PY_LATEST_NODEPS)):
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", *extra,
+                            *names], check=True, capture_output=True, timeout=1800)
         (target / ".installed").touch()
     return python
 
