@@ -396,6 +396,37 @@ async def reconcile(request: web.Request) -> web.Response:
     return json_response(result.to_json())
 
 
+async def anomalies(request: web.Request) -> web.Response:
+    """Spend anomaly episodes: the active ones, and with `?all=true` those that ended in
+    the past 7 days too (scope values are tenants' names: admin only)."""
+    _authorized(request)
+    from proxy.storage.anomalies import open_anomalies
+
+    rt = runtime_of(request)
+    ended_since = rt.now() - timedelta(days=7) if _flag(request.query, "all") else None
+
+    def run() -> list[dict[str, Any]]:
+        with open_anomalies(rt.settings.storage.usage_log) as store:
+            found = store.recent(ended_since) if ended_since is not None else store.active()
+        return [a.to_json() for a in found]
+
+    return json_response(await asyncio.get_running_loop().run_in_executor(None, run))
+
+
+async def clear_anomaly(request: web.Request) -> web.Response:
+    """End an active episode; a blocked scope's calls pass again (on other instances at
+    their next check)."""
+    _authorized(request)
+    rt = runtime_of(request)
+    anomaly_id = request.match_info["id"]
+    cleared = await request.app[APP_SERVER].services.anomalies.clear(rt, anomaly_id,
+                                                                     "admin-api")
+    if cleared is None:
+        raise web.HTTPNotFound(text='{"error": "no active anomaly with this id"}',
+                               content_type="application/json")
+    return json_response({"status": "cleared", "anomaly": cleared.to_json()})
+
+
 async def reload(request: web.Request) -> web.Response:
     """Re-read the configuration file; a bad one is refused and the old one stays."""
     _authorized(request)
@@ -445,6 +476,8 @@ ROUTES: tuple[tuple[str, str, Any, tuple[str, ...]], ...] = (
     ("GET", "/_meter/reconcile", reconcile, ("provider", "since", "until", "by",
                                              "tolerance_pct")),
     ("POST", "/_meter/reload", reload, ()),
+    ("GET", "/_meter/anomalies", anomalies, ("all",)),
+    ("POST", "/_meter/anomalies/{id}/clear", clear_anomaly, ()),
 )
 
 

@@ -215,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gemini: a Cloud Billing export (JSON lines or CSV)")
     p.set_defaults(run=cmd_reconcile)
 
+    p = sub.add_parser("anomalies", parents=[common],
+                       help="open spend anomalies; --clear ID lifts one (and its block)")
+    p.add_argument("--clear", metavar="ID", help="end this active anomaly")
+    p.add_argument("--all", action="store_true",
+                   help="also those that ended in the past 7 days")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.set_defaults(run=cmd_anomalies)
+
     p = sub.add_parser("demo", help="a simulated provider, the proxy and traffic; then a report")
     p.add_argument("--calls", type=int, default=36, help="how many calls to drive")
     p.add_argument("--keep", action="store_true", help="keep the demo database")
@@ -611,6 +619,34 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     else:
         print(render_text(result))
     return 1 if result.outside else 0
+
+
+def cmd_anomalies(args: argparse.Namespace) -> int:
+    """List spend anomalies, or clear one (a running proxy lifts its block at its next
+    check, within anomalies.check_every_s)."""
+    from datetime import timedelta
+
+    from proxy.storage.anomalies import open_anomalies
+
+    settings = load_settings(args.config)
+    now = datetime.now(UTC)
+    with open_anomalies(settings.storage.usage_log) as store:
+        if args.clear:
+            cleared = store.clear(args.clear, "cli", now)
+            if cleared is None:
+                print(f"meterproxy: no active anomaly {args.clear}", file=sys.stderr)
+                return 1
+            print(f"cleared {cleared.id} ({cleared.scope_kind} {cleared.scope_value}, "
+                  f"{cleared.action})")
+            return 0
+        found = store.recent(now - timedelta(days=7)) if args.all else store.active()
+    rows = [{k: v for k, v in a.to_json().items() if k not in ("cleared_by", "ended_at")}
+            if args.format == "table" else a.to_json() for a in found]
+    if args.format == "table" and not rows:
+        print("no open anomalies")
+        return 0
+    print(render(rows, args.format))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -54,6 +54,13 @@ class Unpriced(StrEnum):
     ALLOW = "allow"  # admitted and flagged (priced = 0, a warning, a metric)
 
 
+class AnomalyAction(StrEnum):
+    """What an anomaly does besides alerting."""
+
+    ALERT = "alert"  # log, metric and webhook, once per episode
+    BLOCK = "block"  # also refuse the scope's calls until an operator clears it
+
+
 class Enforce(StrEnum):
     BLOCK = "block"  # refuse calls that would go over
     ALERT_ONLY = "alert_only"  # only alert
@@ -220,6 +227,33 @@ class TelemetryConfig:
     export_interval_ms: int = 10000  # how often metrics are pushed
 
 
+# Sensitivity words: how many robust standard deviations above its baseline an hour's
+# spend must be to fire (a number may be given instead).
+SENSITIVITY = {"low": 6.0, "medium": 4.0, "high": 3.0}
+ANOMALY_SCOPES = ("key", "customer", "feature")
+
+
+@dataclass(frozen=True)
+class AnomaliesConfig:
+    """Spend anomaly guardrails (docs/anomalies.md); absent from the file: off."""
+
+    sensitivity: Any = "medium"  # low | medium | high, or the threshold in robust SDs
+    action: AnomalyAction = AnomalyAction.ALERT
+    scopes: list[str] = field(default_factory=lambda: list(ANOMALY_SCOPES))
+    min_usd: float = 1.0  # the smallest excess over the baseline per hour that fires
+    weeks: int = 4  # history the baseline reads
+    min_history_hours: int = 24  # a younger scope is not judged
+    check_every_s: float = 60
+    resolve_after_minutes: int = 30  # alert mode: quiet this long ends the episode
+
+    @property
+    def threshold(self) -> float:
+        """The sensitivity as robust standard deviations."""
+        if isinstance(self.sensitivity, str) and self.sensitivity in SENSITIVITY:
+            return SENSITIVITY[self.sensitivity]
+        return float(self.sensitivity)
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -237,6 +271,7 @@ class Settings:
     unit_economics: UnitEconomicsConfig = field(default_factory=UnitEconomicsConfig)
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    anomalies: AnomaliesConfig | None = None
     source: str = "<built-in defaults>"
 
     def provider(self, name: str) -> ProviderConfig | None:
@@ -386,6 +421,8 @@ def _validate(s: Settings) -> None:
         fail("unit_economics.max_cost_share", "is a fraction of the customer's price, "
              f"e.g. 0.3, not {s.unit_economics.max_cost_share}")
     _validate_reconcile(s.reconcile, fail)
+    if s.anomalies is not None:
+        _validate_anomalies(s.anomalies, fail)
     for key, value in s.pricing.overrides.items():
         if not isinstance(value, dict):
             fail(f"pricing.overrides.{key}", "must be a mapping")
@@ -416,6 +453,35 @@ def _validate_reconcile(r: ReconcileConfig, fail: Any) -> None:
         if source.base_url is not None and not source.base_url.startswith(("http://",
                                                                            "https://")):
             fail(f"reconcile.{name}.base_url", f"must be an http(s) URL, not {source.base_url!r}")
+
+
+def _validate_anomalies(a: AnomaliesConfig, fail: Any) -> None:
+    words = ", ".join(SENSITIVITY)
+    value = a.sensitivity
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        fail("anomalies.sensitivity", f"must be {words} or a number, not {value!r}")
+    if isinstance(value, str) and value not in SENSITIVITY:
+        fail("anomalies.sensitivity", f"must be {words} or a number of robust standard "
+             f"deviations (e.g. 4), not {value!r}")
+    if not isinstance(value, str) and not 1 <= value <= 50:
+        fail("anomalies.sensitivity", f"a number is robust standard deviations, 1 to 50, "
+             f"not {value}")
+    if not a.scopes:
+        fail("anomalies.scopes", f"needs at least one of {', '.join(ANOMALY_SCOPES)}")
+    for i, scope in enumerate(a.scopes):
+        if scope not in ANOMALY_SCOPES:
+            fail(f"anomalies.scopes[{i}]", f"must be one of {', '.join(ANOMALY_SCOPES)} "
+                 f"(tags are not watched: a caller picks them freely), not {scope!r}")
+    if a.min_usd < 0:
+        fail("anomalies.min_usd", "must not be negative")
+    if not 1 <= a.weeks <= 52:
+        fail("anomalies.weeks", f"must be 1 to 52, not {a.weeks}")
+    if not 1 <= a.min_history_hours <= 24 * 7 * a.weeks:
+        fail("anomalies.min_history_hours", "must be at least 1 and within the weeks read")
+    if not 1 <= a.check_every_s <= 3600:
+        fail("anomalies.check_every_s", f"must be 1 to 3600 seconds, not {a.check_every_s}")
+    if a.resolve_after_minutes < 1:
+        fail("anomalies.resolve_after_minutes", "must be at least 1")
 
 
 def _validate_budget(b: BudgetConfig, path: str, fail: Any) -> None:

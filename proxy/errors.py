@@ -18,6 +18,7 @@ class Kind(Enum):
     REQUEST_TIMEOUT = "request_timeout"
     BUDGET_EXCEEDED = "budget_exceeded"
     RATE_LIMITED = "rate_limited"
+    ANOMALY_BLOCKED = "anomaly_blocked"
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UNAVAILABLE = "unavailable"
@@ -33,6 +34,7 @@ STATUS = {
     Kind.REQUEST_TIMEOUT: 408,
     Kind.BUDGET_EXCEEDED: 429,
     Kind.RATE_LIMITED: 429,
+    Kind.ANOMALY_BLOCKED: 429,
     Kind.UPSTREAM_UNREACHABLE: 502,
     Kind.UPSTREAM_TIMEOUT: 504,
     Kind.UNAVAILABLE: 503,
@@ -43,6 +45,7 @@ STATUS = {
 OUTCOME = {
     Kind.BUDGET_EXCEEDED: Outcome.BUDGET_EXCEEDED,
     Kind.RATE_LIMITED: Outcome.RATE_LIMITED,
+    Kind.ANOMALY_BLOCKED: Outcome.ANOMALY_BLOCKED,
     Kind.UPSTREAM_UNREACHABLE: Outcome.UPSTREAM_ERROR,
     Kind.UPSTREAM_TIMEOUT: Outcome.UPSTREAM_ERROR,
     Kind.INTERNAL: Outcome.PROXY_ERROR,
@@ -52,8 +55,8 @@ OUTCOME = {
 
 # Refusals a retry cannot change: SDKs retry 429 and 5xx unless told `x-should-retry: false`.
 # A rate limit is not one of them: waiting `Retry-After` admits the call.
-FINAL = frozenset({Kind.BUDGET_EXCEEDED, Kind.INVALID_REQUEST, Kind.AUTHENTICATION,
-                   Kind.PERMISSION, Kind.NOT_FOUND, Kind.TOO_LARGE})
+FINAL = frozenset({Kind.BUDGET_EXCEEDED, Kind.ANOMALY_BLOCKED, Kind.INVALID_REQUEST,
+                   Kind.AUTHENTICATION, Kind.PERMISSION, Kind.NOT_FOUND, Kind.TOO_LARGE})
 
 
 class MeterError(Exception):

@@ -1,7 +1,7 @@
 """One call through the proxy: the named stages, in order.
 
-    route -> authenticate -> read_body -> attribute -> inspect -> authorize -> reserve
-          -> forward -> relay (metering on the side) -> price -> record
+    route -> authenticate -> read_body -> attribute -> inspect -> authorize -> guard
+          -> reserve -> forward -> relay (metering on the side) -> price -> record
 
 Route and authenticate look at the request line and headers only: a stranger's body
 is never read.
@@ -26,6 +26,7 @@ from proxy.outcome import Outcome
 from proxy.stages.attribute import attribute, keep_readable
 from proxy.stages.authenticate import authenticate, authorize, recognise
 from proxy.stages.forward import forward
+from proxy.stages.guard import guard
 from proxy.stages.record import began, price, record
 from proxy.stages.relay import relay
 from proxy.stages.reserve import reserve
@@ -44,6 +45,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         attribute(x)
         inspect(x)
         authorize(x)
+        guard(rt, x)
         await reserve(rt, x)
         began(rt, x)
         upstream = await forward(rt.session, x)

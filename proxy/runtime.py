@@ -23,6 +23,7 @@ import structlog
 from yarl import URL
 
 from proxy import tokens
+from proxy.anomaly.guard import AnomalyGuard
 from proxy.budgets import Alerts, Budget, Budgets, budgets_from, spend_from_log
 from proxy.config import KeyConfig, Settings
 from proxy.dialects import for_name
@@ -95,6 +96,8 @@ class Services:
     telemetry: Telemetry | None = None  # OpenTelemetry, when telemetry.otlp_endpoint is set
     # Keys the stable-prefix hashes (proxy.fingerprint): one per install, never logged.
     prefix_secret: bytes = field(default=b"", repr=False)
+    # Spend anomalies: the blocked scopes every call looks up, and the check that keeps them.
+    anomalies: AnomalyGuard = field(default_factory=AnomalyGuard)
     # (pricing table, model) pairs already warned about, so each is logged once.
     unpriced_warned: set[tuple[str, str | None]] = field(default_factory=set)
 

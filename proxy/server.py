@@ -115,7 +115,9 @@ class Server:
             raise
         server = cls(services, first)
         metrics.gauges.append(server._gauges)
+        metrics.gauges.append(services.anomalies.gauges)
         server._start_reconcile(settings)
+        services.anomalies.start(lambda: server.current)
         log.info("started", config=settings.source, usage_log=storage.usage_log,
                  providers=sorted(first.upstreams), auth=settings.auth.mode,
                  keys=len(first.keys), pricing_version=first.prices.digest)
@@ -155,6 +157,7 @@ class Server:
         closes."""
         if self.reconcile is not None:
             await self.reconcile.stop()
+        await self.services.anomalies.stop()
         await self.services.tasks.drain(self.current.settings.server.grace_s)
         await _close_services(self.services)
         log.info("stopped", rows_written=self.services.writer.written)

@@ -42,6 +42,7 @@ _ERRORS = {
     Kind.REQUEST_TIMEOUT: "invalid_request_error",
     Kind.BUDGET_EXCEEDED: "budget_exceeded",
     Kind.RATE_LIMITED: "rate_limited",
+    Kind.ANOMALY_BLOCKED: "anomaly_blocked",
     Kind.UPSTREAM_UNREACHABLE: "api_error",
     Kind.UPSTREAM_TIMEOUT: "timeout_error",  # the SDK's type for a gateway timeout
     Kind.UNAVAILABLE: "api_error",

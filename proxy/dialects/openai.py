@@ -64,6 +64,7 @@ _ERRORS = {
     Kind.REQUEST_TIMEOUT: ("invalid_request_error", "request_timeout"),
     Kind.BUDGET_EXCEEDED: ("budget_exceeded", "budget_exceeded"),
     Kind.RATE_LIMITED: ("rate_limited", "rate_limited"),
+    Kind.ANOMALY_BLOCKED: ("anomaly_blocked", "anomaly_blocked"),
     Kind.UPSTREAM_UNREACHABLE: ("server_error", "upstream_unreachable"),
     Kind.UPSTREAM_TIMEOUT: ("timeout", "upstream_timeout"),
     Kind.UNAVAILABLE: ("server_error", "service_unavailable"),

@@ -28,6 +28,8 @@ from proxy.storage.shipped import (
     M004_COLUMNS,
     M004_COVERED,
     M005_COLUMNS,
+    M007_ANOMALIES,
+    M007_INDEXES,
 )
 
 log = structlog.get_logger("meterproxy.usage_log")
@@ -136,6 +138,14 @@ def m005_call_shape(conn: psycopg.Connection) -> None:
     # and have no fingerprint.
     for column, kind in M005_COLUMNS:
         conn.execute(f"ALTER TABLE usage ADD COLUMN {column} {kind}")
+
+
+@migration
+def m007_anomalies(conn: psycopg.Connection) -> None:
+    # SQLite's twin, with exact NUMERIC amounts.
+    conn.execute(M007_ANOMALIES.format(money="NUMERIC(30, 10)"))
+    for statement in M007_INDEXES:
+        conn.execute(statement)
 
 
 def dsn(url: str) -> str:

@@ -116,6 +116,15 @@ class LogReader:
         """Exact spend and tokens since `since`, per hour and per value of each dimension
         (`key`, `customer`, `feature`, `trace`, `tag:NAME`): one indexed range scan and a small
         aggregate, however many budgets read it."""
+        return self._spend_by(dims, since, 13, "%Y-%m-%dT%H")
+
+    def spend_by_minute(self, dims: Sequence[str], since: datetime) -> list[HourSpend]:
+        """The same per minute (each `hour` is then a minute): the anomaly check's
+        trailing hour, counted from the log every instance writes to."""
+        return self._spend_by(dims, since, 16, "%Y-%m-%dT%H:%M")
+
+    def _spend_by(self, dims: Sequence[str], since: datetime, width: int,
+                  fmt: str) -> list[HourSpend]:
         exprs, params = [], []
         for dim in dims:
             if dim.startswith("tag:"):
@@ -125,16 +134,16 @@ class LogReader:
             else:
                 exprs.append(_COLUMN_OF.get(dim) or q_sql.dimension(dim)[0])
         n = len(dims)
-        sql = (f"SELECT {''.join(e + ', ' for e in exprs)}substr(ts, 1, 13), "
+        sql = (f"SELECT {''.join(e + ', ' for e in exprs)}substr(ts, 1, {width}), "
                f"sum({self.flavor.cost_units}), "
                f"sum({' + '.join((*PROMPT_COLUMNS, 'output_tokens'))}) "
                f"FROM usage WHERE ts >= {self.flavor.param} "
                f"GROUP BY {', '.join(str(i + 1) for i in range(n + 1))}")
         cur = self.conn.cursor()
         try:
-            cur.execute(sql, [*params, since.strftime("%Y-%m-%dT%H")])
+            cur.execute(sql, [*params, since.strftime(fmt)])
             return [HourSpend(attrs=dict(zip(dims, row[:n], strict=True)),
-                              hour=datetime.strptime(row[n], "%Y-%m-%dT%H").replace(tzinfo=UTC),
+                              hour=datetime.strptime(row[n], fmt).replace(tzinfo=UTC),
                               usd=Decimal(int(row[n + 1] or 0)) * UNITS,
                               tokens=int(row[n + 2] or 0))
                     for row in cur.fetchall()]

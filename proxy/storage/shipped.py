@@ -64,3 +64,29 @@ M004_BACKFILL = (("audio_input_tokens", "audio_input", "tokens"),
 M005_COLUMNS = (("repeat_count", "INTEGER NOT NULL DEFAULT 1"),
                 ("prefix_hash", "TEXT"),
                 ("prefix_tokens", "INTEGER"))
+
+# m007_anomalies: spend anomaly episodes (proxy.storage.anomalies). One active episode
+# (open or blocked) per scope: the partial unique index is how instances sharing the log
+# agree on who opened it, so it is announced once. Amounts are the backend's exact type.
+M007_ANOMALIES = """
+        CREATE TABLE anomalies (
+            id TEXT PRIMARY KEY,
+            scope_kind TEXT NOT NULL,
+            scope_value TEXT NOT NULL,
+            state TEXT NOT NULL,
+            action TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            last_seen_at TEXT NOT NULL,
+            ended_at TEXT,
+            observed_usd {money} NOT NULL,
+            baseline_usd {money} NOT NULL,
+            threshold_usd {money} NOT NULL,
+            method TEXT NOT NULL,
+            cleared_by TEXT
+        )
+        """
+M007_INDEXES = (
+    "CREATE UNIQUE INDEX idx_anomalies_active ON anomalies (scope_kind, scope_value) "
+    "WHERE state IN ('open', 'blocked')",
+    "CREATE INDEX idx_anomalies_started ON anomalies (started_at)",
+)

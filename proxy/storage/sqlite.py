@@ -22,6 +22,8 @@ from proxy.storage.shipped import (
     M004_COLUMNS,
     M004_COVERED,
     M005_COLUMNS,
+    M007_ANOMALIES,
+    M007_INDEXES,
 )
 
 migrations = Migrations("meterproxy")
@@ -117,6 +119,14 @@ def m005_call_shape(db: sqlite_utils.Database) -> None:
     # and have no fingerprint.
     for column, kind in M005_COLUMNS:
         db.execute(f"ALTER TABLE usage ADD COLUMN {column} {kind}")
+
+
+@migrations()
+def m007_anomalies(db: sqlite_utils.Database) -> None:
+    # Amounts as TEXT: SQLite's REAL would round the Decimal an operator reads back.
+    db.execute(M007_ANOMALIES.format(money="TEXT"))
+    for statement in M007_INDEXES:
+        db.execute(statement)
 
 
 def sqlite_path(url: str) -> Path:

@@ -1,0 +1,1 @@
+"""Spend anomaly guardrails: baselines per scope, the running check, blocked scopes."""
