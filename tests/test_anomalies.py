@@ -30,11 +30,23 @@ USAGE = {"prompt_tokens": 1000, "completion_tokens": 1_000_000, "total_tokens": 
 CALL_USD = Decimal("0.60015")
 
 
+HISTORY_INSERT = ("INSERT INTO usage (id, ts, key_name, provider, endpoint, model, outcome, "
+                  "cost_usd, customer) VALUES ({})".format(", ".join(["{p}"] * 9)))
+
+
 def history(db: Path) -> None:
-    """Four weeks of hourly spend on key team-a: customer acme costs $3.00 an hour in
-    office hours (weekdays 08-19 UTC) and $0.20 at night; customer globex, a batch job,
-    $5.00 every hour. Every row is exact, so each hour equals its usual level."""
+    """Four weeks of hourly spend on key team-a (history_rows) in a SQLite log."""
     migrate(db)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.executemany(HISTORY_INSERT.format(p="?"), history_rows())
+    conn.close()
+
+
+def history_rows() -> list[tuple[Any, ...]]:
+    """Customer acme costs $3.00 an hour in office hours (weekdays 08-19 UTC) and $0.20 at
+    night; customer globex, a batch job, $5.00 every hour. Every row is exact, so each
+    hour equals its usual level."""
     rows = []
     hour = NOW - timedelta(weeks=4)
     while hour < NOW:
@@ -44,12 +56,7 @@ def history(db: Path) -> None:
             rows.append((f"h{len(rows):06d}", ts, "team-a", "openai", "chat.completions",
                          "gpt-4o-mini", "ok", usd, customer))
         hour += timedelta(hours=1)
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.executemany("INSERT INTO usage (id, ts, key_name, provider, endpoint, model, "
-                         "outcome, cost_usd, customer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         rows)
-    conn.close()
+    return rows
 
 
 def anomaly_stack(tmp: Path, now: list[datetime], hook: Webhook, action: str = "block",
@@ -253,6 +260,97 @@ def test_rotating_the_customer_does_not_dodge_the_key(tmp_path: Path) -> None:
     finally:
         hook.stop()
         stack.close()
+
+
+def test_instances_sharing_a_postgres_log_announce_once(tmp_path: Path) -> None:
+    """Two proxies on one PostgreSQL log: both see the spike, one announces it (one
+    webhook), both block acme; a clear through one reaches the other at its next check."""
+    import psycopg
+
+    from proxy.storage.postgres import connect
+    from proxy.storage.postgres import migrate as pg_migrate
+    from tests.scale import pg_database
+
+    now = [NOW]
+    hook = Webhook()
+    os.environ[ADMIN_ENV] = ADMIN_KEY
+    with pg_database() as url:
+        with connect(url) as conn:
+            pg_migrate(conn)
+            with conn.cursor() as cur:
+                cur.executemany(HISTORY_INSERT.format(p="%s"), history_rows())
+        stacks = [Stack(tmp_path / name, {
+            "server": {"admin_key_env": ADMIN_ENV}, "alerts": {"webhook_url": hook.url},
+            "storage": {"usage_log": url, "spool_dir": str(tmp_path / name / "spool")},
+            "anomalies": {"action": "block", "check_every_s": 3600}},
+            clock=lambda: now[0]) for name in ("a", "b")]
+        hook.start(stacks[0])
+        try:
+            client = openai.OpenAI(base_url=stacks[0].base(), api_key=VIRTUAL_KEY,
+                                   max_retries=0)
+            now[0] = NOW + timedelta(minutes=5)
+            spend(stacks[0], client, "acme", 3)
+            stacks[0].rows()
+            now[0] = NOW + timedelta(minutes=6)
+            opened = [check(s) for s in stacks] + [check(s) for s in reversed(stacks)]
+            for s in stacks:
+                s.settle()
+            assert sorted(len(o) for o in opened) == [0, 0, 0, 1]
+            assert [(e["scope"], e["value"]) for e in hook.received] == [("customer", "acme")]
+            other = openai.OpenAI(base_url=stacks[1].base(), api_key=VIRTUAL_KEY,
+                                  max_retries=0)
+            assert refused(other, "acme").status_code == 429
+            reply = http("POST", f"{stacks[0].url}/_meter/anomalies/{hook.received[0]['id']}"
+                         "/clear", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            assert reply.status_code == 200
+            assert refused(other, "acme").status_code == 429  # until its next check
+            now[0] = NOW + timedelta(minutes=7)
+            check(stacks[1])
+            assert spend(stacks[1], other, "acme", 1)[0].status_code == 200
+            with psycopg.connect(url) as conn:
+                states = conn.execute("SELECT state, cleared_by FROM anomalies").fetchall()
+            assert states == [("cleared", "admin-api")]
+        finally:
+            hook.stop()
+            for s in stacks:
+                s.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_one_active_episode_per_scope_whoever_opens_it(tmp_path: Path, backend: str) -> None:
+    """Two instances opening the same scope's episode at once: exactly one INSERT wins
+    (that one announces); once it is cleared, a new episode may open."""
+    from contextlib import ExitStack
+
+    from proxy.storage.anomalies import Anomaly, open_anomalies
+    from proxy.storage.postgres import connect
+    from proxy.storage.postgres import migrate as pg_migrate
+    from tests.scale import pg_database
+
+    with ExitStack() as resources:
+        if backend == "sqlite":
+            migrate(tmp_path / "usage.db")
+            url = f"sqlite:///{tmp_path / 'usage.db'}"
+        else:
+            url = resources.enter_context(pg_database())
+            with connect(url) as conn:
+                pg_migrate(conn)
+        first, second = (resources.enter_context(open_anomalies(url)) for _ in range(2))
+
+        def episode(anomaly_id: str) -> Anomaly:
+            return Anomaly(id=anomaly_id, scope_kind="key", scope_value="team-a",
+                           state="blocked", action="block", started_at=NOW,
+                           last_seen_at=NOW, observed_usd=Decimal("12.5"),
+                           baseline_usd=Decimal("0.2"), threshold_usd=Decimal("1.2"),
+                           method="weekly")
+
+        assert [first.open(episode("an-1")), second.open(episode("an-2"))] == [True, False]
+        assert [a.id for a in second.active()] == ["an-1"]
+        assert second.active()[0].observed_usd == Decimal("12.5")
+        assert second.clear("an-1", "cli", NOW) is not None
+        assert first.clear("an-1", "cli", NOW) is None
+        assert first.open(episode("an-3"))
+        assert [a.id for a in first.active()] == ["an-3"]
 
 
 def _sha(text: str) -> str:

@@ -108,11 +108,11 @@ def pg_url() -> Iterator[str]:
 
 def _pg_schema(conn: psycopg.Connection) -> tuple[list, list, list]:
     columns = conn.execute(
-        "SELECT column_name, data_type, is_nullable, column_default FROM "
-        "information_schema.columns WHERE table_name = 'usage' ORDER BY ordinal_position"
-    ).fetchall()
-    indexes = conn.execute("SELECT indexname, indexdef FROM pg_indexes "
-                           "WHERE tablename = 'usage' ORDER BY 1").fetchall()
+        "SELECT table_name, column_name, data_type, is_nullable, column_default FROM "
+        "information_schema.columns WHERE table_schema = current_schema() "
+        "ORDER BY table_name, ordinal_position").fetchall()
+    indexes = conn.execute("SELECT tablename, indexname, indexdef FROM pg_indexes "
+                           "WHERE schemaname = current_schema() ORDER BY 1, 2").fetchall()
     views = conn.execute("SELECT viewname, definition FROM pg_views "
                          "WHERE schemaname = current_schema() ORDER BY 1").fetchall()
     return columns, indexes, views
