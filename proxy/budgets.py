@@ -453,11 +453,16 @@ class Budgets:
                       seen: Iterable[str] = ()) -> None:
         """Seed the ledger with spend summed from the usage log (periods it knows nothing
         of), then mark the thresholds already passed for those and the `seen` scopes."""
-        await self.ledger.seed({key: amounts for (key, _), amounts in totals.items()})
+        now = self.clock()
         periods = current_periods(self.budgets, {scope for _, scope in totals} | set(seen),
-                                  self.clock())
-        balances = await self.ledger.balances([key for _, _, key, _ in periods])
-        for budget, scope, key, _ in periods:
+                                  now)
+        # Per-trace `total` budgets are seeded to be forgotten like live ones.
+        idle = {key: b.idle_s for b, _, key, _ in periods if b.idle_s}
+        await self.ledger.seed({key: amounts for (key, _), amounts in totals.items()}, idle,
+                               now)
+        watched = [p for p in periods if not p[0].per_trace]  # they raise no alerts
+        balances = await self.ledger.balances([key for _, _, key, _ in watched])
+        for budget, scope, key, _ in watched:
             self.alerts.observe(budget, scope, key, balances[key], quiet=True)
 
 

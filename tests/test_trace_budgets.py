@@ -185,3 +185,54 @@ def test_redis_trace_counters_expire_when_idle() -> None:
 
     with redis_prefix() as prefix:
         asyncio.run(go(f"{redis_url()}?prefix={prefix}"))
+
+
+def test_runs_rebuilt_at_start_are_forgotten_too(tmp_path: Path) -> None:
+    """A run rebuilt from the usage log at start-up is still refused, and its counters go
+    a day later like a live run's (else every restart would pin a day of runs)."""
+    now = [T0]
+    run1 = {"X-Meter-Trace-Id": "run-1"}
+    stack = trace_stack(tmp_path, clock=lambda: now[0])
+    try:
+        stack.sim.then(Scenario(usage=exact_usage(), repeat=20))
+        client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
+        for _ in range(K):
+            chat(client, **run1)
+        stack.rows(K)
+    finally:
+        stack.close()
+    now[0] = T0 + timedelta(hours=1)
+    again = trace_stack(tmp_path, clock=lambda: now[0])
+    try:
+        again.sim.then(Scenario(usage=exact_usage(), repeat=20))
+        client = openai.OpenAI(base_url=again.base(), api_key=VIRTUAL_KEY, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            chat(client, **run1)
+        ledger = again.runtime.budgets.ledger
+        seeded = [k for k in ledger._balances if "trace=run-1" in k]
+        assert len(seeded) == 1
+        now[0] = T0 + timedelta(hours=26)
+        assert chat(client, **{"X-Meter-Trace-Id": "run-9"}).status_code == 200  # sweeps
+        assert seeded[0] not in ledger._balances
+    finally:
+        again.close()
+
+
+def test_redis_seeded_trace_counters_expire_when_idle() -> None:
+    """A per-trace `total` budget seeded from the log on Redis expires after its idle time;
+    any other seeded period keeps the 40-day seed TTL."""
+    async def go(url: str) -> None:
+        ledger = open_ledger(url)
+        assert isinstance(ledger, RedisLedger)
+        try:
+            run, other = "per-run:trace=r1/total@1970-01-01T00:00Z", "m:customer=a/month@x"
+            await ledger.seed({run: (Decimal("0.5"), 10), other: (Decimal("1"), 2)},
+                              {run: 86_400})
+            assert 86_300_000 < await ledger.redis.pttl(f"{ledger.prefix}b:{run}") <= 86_400_000
+            assert await ledger.redis.pttl(f"{ledger.prefix}b:{other}") > 39 * 86_400_000
+            assert (await ledger.balances([run]))[run].spent_usd == Decimal("0.5")
+        finally:
+            await ledger.close()
+
+    with redis_prefix() as prefix:
+        asyncio.run(go(f"{redis_url()}?prefix={prefix}"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -93,8 +93,11 @@ class Ledger(Protocol):
 
     async def balances(self, keys: list[str]) -> dict[str, Balance]: ...
 
-    async def seed(self, totals: dict[str, tuple[Decimal, int]]) -> None:
-        """Spend rebuilt from the usage log, for periods the ledger knows nothing of."""
+    async def seed(self, totals: dict[str, tuple[Decimal, int]],
+                   idle: Mapping[str, int] | None = None, now: datetime | None = None
+                   ) -> None:
+        """Spend rebuilt from the usage log, for periods the ledger knows nothing of;
+        `idle` names the keys forgotten that many seconds after `now` without a call."""
 
     async def claim_alert(self, key: str, threshold: Decimal) -> bool:
         """True for exactly one caller per budget period and threshold."""
@@ -206,11 +209,16 @@ class LocalLedger:
     async def balances(self, keys: list[str]) -> dict[str, Balance]:
         return {k: self._balances.get(k, Balance()) for k in keys}
 
-    async def seed(self, totals: dict[str, tuple[Decimal, int]]) -> None:
+    async def seed(self, totals: dict[str, tuple[Decimal, int]],
+                   idle: Mapping[str, int] | None = None, now: datetime | None = None
+                   ) -> None:
+        t = now.timestamp() if now is not None else time.time()
         for key, (usd, tokens) in totals.items():
             balance = self._balance(key)
             if balance.spent_usd == ZERO and balance.spent_tokens == 0:
                 balance.spent_usd, balance.spent_tokens = usd, tokens
+            if idle and idle.get(key) and key not in self._idle:
+                self._idle[key] = (idle[key], t)
 
     async def claim_alert(self, key: str, threshold: Decimal) -> bool:
         return True  # one process: the Alerts' own record is the claim

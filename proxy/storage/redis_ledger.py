@@ -23,7 +23,7 @@ entry has left the window.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -269,21 +269,21 @@ end
 return out
 """
 
-# KEYS: seeded marker, then budget hashes. ARGV: (usd units, tokens) per hash.
+# KEYS: seeded marker, then budget hashes. ARGV: (usd units, tokens, ttl ms) per hash.
 # Only a period Redis knows nothing of is seeded, so N instances starting seed it once.
 _SEED = """
 local seeded = 0
 for i = 2, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then
-    redis.call('HSET', KEYS[i], 'spent', ARGV[2 * i - 3], 'stok', ARGV[2 * i - 2],
+    redis.call('HSET', KEYS[i], 'spent', ARGV[3 * i - 5], 'stok', ARGV[3 * i - 4],
                'rsv', '0', 'rtok', '0')
-    redis.call('PEXPIRE', KEYS[i], SEED_TTL)
+    redis.call('PEXPIRE', KEYS[i], ARGV[3 * i - 3])
     seeded = seeded + 1
   end
 end
 redis.call('SET', KEYS[1], '1')
 return seeded
-""".replace("SEED_TTL", str(SEED_TTL_MS))
+"""
 
 
 def to_units(usd: Decimal, rounding: str = ROUND_HALF_EVEN) -> int:
@@ -419,9 +419,15 @@ class RedisLedger:
         reply = await self._run(self._balances, redis_keys, [])
         return dict(zip(unique, _balances(reply), strict=True))
 
-    async def seed(self, totals: dict[str, tuple[Decimal, int]]) -> None:
+    async def seed(self, totals: dict[str, tuple[Decimal, int]],
+                   idle: Mapping[str, int] | None = None, now: datetime | None = None
+                   ) -> None:
+        """Seeded keys expire unless a reserve sets their period's end; a per-trace
+        `total` budget's after its idle time (from now: Redis's clock)."""
+        idle = idle or {}
         keys = [self._marker] + [self._b(k) for k in totals]
-        args = [v for usd, count in totals.values() for v in (to_units(usd), count)]
+        args = [v for k, (usd, count) in totals.items()
+                for v in (to_units(usd), count, idle.get(k, 0) * 1000 or SEED_TTL_MS)]
         seeded = await self._run(self._seed, keys, args)
         if seeded:
             log.info("ledger_seeded", budgets=seeded)
