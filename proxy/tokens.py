@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import gzip
 import hashlib
@@ -162,6 +163,30 @@ class FairPool:
             with contextlib.suppress(RuntimeError):  # the caller's loop has closed
                 loop.call_soon_threadsafe(_settle, future, result, error)
 
+        self._enqueue(tenant, job)
+        return await future
+
+    def submit(self, tenant: str, fn: Callable[..., T], *args: Any
+               ) -> concurrent.futures.Future[T]:
+        """Queue a job without waiting for it (callable from any thread, no loop needed).
+
+        Whoever needs the result and may itself be on this pool cancels the future first:
+        if it had not started, it runs the job in place (no worker ever waits on a job
+        queued behind it)."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def job() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever asks for the result
+                future.set_exception(exc)
+
+        self._enqueue(tenant, job)
+        return future
+
+    def _enqueue(self, tenant: str, job: Callable[[], None]) -> None:
         with self._ready:
             self._start_threads()
             queue = self._queues.get(tenant)
@@ -170,7 +195,6 @@ class FairPool:
                 self._turns.append(tenant)
             queue.append(job)
             self._ready.notify()
-        return await future
 
     def _start_threads(self) -> None:
         while len(self._threads) < self._workers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import threading
 from typing import Any
 
 import pytest
@@ -80,11 +81,22 @@ def test_encoding_choice() -> None:
     assert not tokens.is_exact_for("claude-sonnet-4-5") and tokens.is_exact_for("o3")
 
 
-def test_text_tally_folds_long_streams_without_changing_the_count() -> None:
-    """A long stream is counted in folds (flat memory) to the same total as all at once."""
+def test_text_tally_folds_long_streams_without_changing_the_count(monkeypatch) -> None:
+    """A long stream is counted in folds (flat memory) to the same total as all at once,
+    and the folds are counted on the tokenizer pool: feeding text never tokenizes on the
+    caller's thread (the event loop's)."""
     pieces = [f" word{i % 97} and more" for i in range(40_000)]
+    real = tokens.count_text
+    threads: list[str] = []
+
+    def spy(text: str, model: str | None = None) -> int:
+        threads.append(threading.current_thread().name)
+        return real(text, model)
+
+    monkeypatch.setattr(tokens, "count_text", spy)
     tally = TextTally("gpt-4o")
     for piece in pieces:
         tally.add(piece)
-    assert tally.folded > 0 and tally.size <= TextTally.FOLD_CHARS
-    assert tally.count() == tokens.count_text("".join(pieces), "gpt-4o")
+    assert tally.folds > 0 and tally.held <= TextTally.FOLD_CHARS
+    assert threading.current_thread().name not in threads  # only pool threads so far
+    assert tally.count() == real("".join(pieces), "gpt-4o")

@@ -52,6 +52,11 @@ _ERRORS = {
 _DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking",
                "input_json_delta": "partial_json"}
 _TEXT_KEYS = ("text", "thinking", "content", "source")
+# The events that carry no usage, by their first bytes as the API writes them (with and
+# without the event line): JSON escapes quotes inside strings, so no model output can
+# forge them, and any other spelling (spaces, another key first) is simply parsed.
+_DELTA_EVENTS = (b'event: content_block_delta\ndata: {"type":"content_block_delta",',
+                 b'data: {"type":"content_block_delta",')
 _PLACED = re.compile(r"/v\d+(?:/|$)")
 
 
@@ -152,27 +157,47 @@ class AnthropicDialect:
 
 
 class _StreamMeter:
-    """Reads message_start, content deltas and message_delta; passes every byte through."""
+    """Reads message_start, content_block_start and message_delta as they pass; content
+    deltas (almost every event) are kept raw and read only if their text is ever needed
+    (a stream that ends without usage). Passes every byte through."""
 
     __slots__ = ("_searches", "_split", "_tally", "_totals", "metered")
 
     def __init__(self) -> None:
         self._searches = 0  # web searches begun in the stream
         self._split = SSESplitter()
-        self._tally = TextTally()
+        self._tally = TextTally(reader=self._delta_text)
         self._totals: dict[str, Any] = {}  # the usage object as the stream has it so far
         self.metered = Metered(text=self._tally)
 
     def feed(self, chunk: bytes) -> bytes:
         for raw in self._split.feed(chunk):
-            self._read(raw)
+            if raw.startswith(_DELTA_EVENTS) and raw.endswith(b"}\n\n"):
+                # Carries no usage: read only if its text is ever needed. One that does not
+                # end as JSON does (cut short) is parsed now, so the row notes it.
+                self._tally.defer(raw)
+            else:
+                self._read(raw)
         return chunk
 
     def finish(self) -> tuple[bytes, Metered]:
         tail = self._split.tail()
         if tail.strip():
             self._read(tail)
+        if self.metered.usage is None:
+            self._tally.catch_up()  # its text will be counted: read it now, noting errors
         return b"", self.metered
+
+    def _delta_text(self, raw: bytes) -> tuple[Any, ...]:
+        """The text of a deferred content_block_delta event."""
+        try:
+            obj = orjson.loads(parse_event(raw).data)
+        except orjson.JSONDecodeError:
+            self.metered.error = "malformed event in the stream"
+            return ()
+        delta = sub(obj, "delta") if isinstance(obj, dict) else {}
+        key = _DELTA_TEXT.get(delta.get("type"))
+        return (delta.get(key),) if key is not None else ()
 
     def _read(self, raw: bytes) -> None:
         data = parse_event(raw).data
@@ -188,11 +213,8 @@ class _StreamMeter:
         if not isinstance(obj, dict):
             return
         kind = obj.get("type")
-        if kind == "content_block_delta":
-            delta = sub(obj, "delta")
-            key = _DELTA_TEXT.get(delta.get("type"))
-            if key is not None:
-                self._tally.add(delta.get(key))
+        if kind == "content_block_delta":  # one the byte check did not know (spaced JSON)
+            self._tally.defer(raw)
         elif kind == "content_block_start":
             block = sub(obj, "content_block")
             self._tally.add(block.get("text"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -233,32 +233,100 @@ def load_body(body: bytes, keys: tuple[str, ...]) -> tuple[Any, str | None]:
 class TextTally:
     """Streamed output text, kept for a token estimate should usage never come.
 
-    Past FOLD_CHARS the text held so far is counted and dropped, keeping only the number,
-    so memory stays flat however long a stream runs; short streams are counted exactly once.
+    Usage nearly always comes, so nothing is tokenized while a stream passes, and content
+    events need not even be parsed: a meter hands them over raw (`defer`) with a `reader`
+    that finds their text, and only `text()` and `count()` read them (`count()` on the
+    tokenizer pool, for a stream that ended without usage). Memory stays bounded: past
+    FOLD_CHARS the held events are read into text, and past FOLD_CHARS of text that text
+    is counted on the tokenizer pool, off the event loop, and only the number kept.
     """
 
-    __slots__ = ("folded", "model", "pieces", "size")
+    __slots__ = ("_deferred", "_folds", "_held", "_items", "_reader", "model")
     FOLD_CHARS = 256 * 1024
 
-    def __init__(self, model: str | None = None) -> None:
+    def __init__(self, model: str | None = None,
+                 reader: Callable[[bytes], Iterable[Any]] | None = None) -> None:
         self.model = model
-        self.pieces: list[str] = []
-        self.size = 0
-        self.folded = 0
+        self._reader = reader
+        self._items: list[str | bytes] = []  # text and raw events, in stream order
+        self._held = 0  # characters and bytes in _items
+        self._deferred = 0  # raw events in _items
+        self._folds: list[_Fold] = []
 
     def add(self, text: Any) -> None:
         if isinstance(text, str) and text:
-            self.pieces.append(text)
-            self.size += len(text)
-            if self.size > self.FOLD_CHARS:
-                self.folded += tokens.count_text("".join(self.pieces), self.model)
-                self.pieces.clear()
-                self.size = 0
+            self._items.append(text)
+            self._held += len(text)
+            if self._held > self.FOLD_CHARS:
+                self._fold()
+
+    def defer(self, data: bytes) -> None:
+        """Keep a raw event whose text the reader can find, should it ever be needed."""
+        self._items.append(data)
+        self._held += len(data)
+        self._deferred += 1
+        if self._held > self.FOLD_CHARS:
+            self._fold()
+
+    def catch_up(self) -> None:
+        """Read every deferred event into text, in order (the reader may note errors)."""
+        if not self._deferred:
+            return
+        assert self._reader is not None
+        items: list[str | bytes] = []
+        for item in self._items:
+            if isinstance(item, bytes):
+                items += [t for t in self._reader(item) if isinstance(t, str) and t]
+            else:
+                items.append(item)
+        self._items = items
+        self._held = sum(map(len, items))
+        self._deferred = 0
+
+    def _fold(self) -> None:
+        self.catch_up()
+        if self._held <= self.FOLD_CHARS:  # the events were mostly JSON around little text
+            return
+        self._folds.append(_Fold("".join(self._items), self.model))  # type: ignore[arg-type]
+        self._items = []
+        self._held = 0
+
+    @property
+    def folds(self) -> int:
+        """How many stretches of text went to the tokenizer pool so far."""
+        return len(self._folds)
+
+    @property
+    def held(self) -> int:
+        """Characters and bytes held now (bounded by about FOLD_CHARS)."""
+        return self._held
 
     def text(self) -> str:
-        """The text not yet folded into the count."""
-        return "".join(self.pieces)
+        """The text not yet folded into a count."""
+        self.catch_up()
+        return "".join(self._items)  # type: ignore[arg-type]
 
     def count(self) -> int:
-        """Tokens of everything streamed: the folded part plus what is held."""
-        return self.folded + tokens.count_text(self.text(), self.model)
+        """Tokens of everything streamed: the folds plus what is held. CPU work: call it
+        on the tokenizer pool (tokens.off_loop), never on the event loop."""
+        return sum(f.result() for f in self._folds) + tokens.count_text(self.text(), self.model)
+
+
+class _Fold:
+    """A stretch of streamed text being counted on the tokenizer pool."""
+
+    __slots__ = ("future", "model", "text")
+
+    def __init__(self, text: str, model: str | None) -> None:
+        self.text = text
+        self.model = model
+        self.future = tokens.pool.submit("", self._run)
+
+    def _run(self) -> int:
+        text, self.text = self.text, ""
+        return tokens.count_text(text, self.model)
+
+    def result(self) -> int:
+        # Not started yet: count it here (this may be a pool worker; none waits on a
+        # job queued behind it).
+        return self._run() if self.future.cancel() else self.future.result()

@@ -180,13 +180,14 @@ class _ChunkReader:
 
     def __init__(self, model: str | None) -> None:
         self._model = model
-        self._tally = TextTally(model)
+        self._tally = TextTally(model, reader=self.chunk_text)
         self._queries = 0  # web search queries the grounding metadata names
         self.finished = False  # a chunk said the answer is complete
         self.last: dict[str, Any] | None = None  # the latest usageMetadata seen
         self.metered = Metered(text=self._tally)
 
-    def read(self, obj: Any) -> None:
+    def read(self, obj: Any, text: bool = True) -> None:
+        """Note what one chunk says; `text=False` when its text was tallied already."""
         if not isinstance(obj, dict):
             return
         if isinstance(obj.get("error"), dict):
@@ -203,18 +204,26 @@ class _ChunkReader:
             queries = sub(candidate, "groundingMetadata").get("webSearchQueries")
             if isinstance(queries, list):  # repeated per chunk, never to be added up
                 self._queries = max(self._queries, len(queries))
-            parts = sub(candidate, "content").get("parts")
-            for part in parts if isinstance(parts, list) else ():
-                if isinstance(part, dict):
-                    self._tally.add(part.get("text"))  # thought summaries are output too
-                    if isinstance(part.get("functionCall"), dict):
-                        self._tally.add(orjson.dumps(part["functionCall"]).decode())
+            if text:
+                for piece in candidate_texts(candidate):
+                    self._tally.add(piece)
         if sub(obj, "promptFeedback").get("blockReason"):
             self.finished = True  # a refused prompt: this chunk is the whole answer
         meta = obj.get("usageMetadata")
         if isinstance(meta, dict):
             self.last = meta
             self.settle(meta)
+
+    def chunk_text(self, data: bytes) -> list[str]:
+        """The text of a deferred chunk (TextTally's reader)."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.metered.error = "malformed event in the stream"
+            return []
+        candidates = obj.get("candidates") if isinstance(obj, dict) else None
+        return [piece for candidate in (candidates if isinstance(candidates, list) else ())
+                if isinstance(candidate, dict) for piece in candidate_texts(candidate)]
 
     def settle(self, meta: dict[str, Any]) -> None:
         """Running totals: input counts for now, the whole usage once the answer is done."""
@@ -228,14 +237,22 @@ class _ChunkReader:
 
 
 class _StreamMeter:
-    """Meters an SSE stream (alt=sse) or a streamed JSON array; passes every byte through."""
+    """Meters an SSE stream (alt=sse) or a streamed JSON array; passes every byte through.
 
-    __slots__ = ("_array", "_reader", "_split")
+    Every chunk carries running usage totals, and only the last chunk's count: a chunk is
+    kept raw (its text for an estimate, itself as the latest usage) and parsed only when
+    a later one does not replace it, or the stream ends. Chunks that say more than text
+    and usage (a finish, grounding, a block, an error, a function call) are read at once,
+    after the held one, so everything is read in stream order.
+    """
+
+    __slots__ = ("_array", "_held", "_reader", "_split")
 
     def __init__(self, model: str | None) -> None:
         self._reader = _ChunkReader(model)
         self._split: SSESplitter | None = None
         self._array: ArraySplitter | None = None
+        self._held: bytes | None = None  # the latest chunk with usage, not yet parsed
 
     def feed(self, chunk: bytes) -> bytes:
         if self._split is None and self._array is None:
@@ -248,7 +265,7 @@ class _StreamMeter:
                 self._split = SSESplitter()
         if self._array is not None:
             for element in self._array.feed(chunk):
-                self._read(element)
+                self._take(element)
         else:
             assert self._split is not None
             for raw in self._split.feed(chunk):
@@ -260,23 +277,59 @@ class _StreamMeter:
             tail = self._split.tail()
             if tail.strip():
                 self._read_event(tail)
-        return b"", self._reader.metered
+        self._release()
+        metered = self._reader.metered
+        if metered.usage is None:
+            metered.text.catch_up()  # its text will be counted: read it now, noting errors
+        return b"", metered
 
     def _read_event(self, raw: bytes) -> None:
         data = parse_event(raw).data
-        if not data and is_junk(raw):
-            self._reader.metered.error = "malformed event in the stream"
-        self._read(data)
-
-    def _read(self, data: bytes) -> None:
         if not data:
+            if is_junk(raw):
+                self._reader.metered.error = "malformed event in the stream"
+            return
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        # Each check is a quoted key, which JSON string escaping keeps model output from
+        # forging; a chunk with a function call is parsed whole (its arguments are JSON).
+        if b'"usageMetadata"' in data and data.endswith(b"}") \
+                and b'"finishReason"' not in data and b'"groundingMetadata"' not in data \
+                and b'"promptFeedback"' not in data and b'"error"' not in data \
+                and b'"functionCall"' not in data:
+            # Text and running totals only: the text waits in the tally, the totals until
+            # a later chunk brings newer ones (one without a model or id of its own could
+            # leave the held chunk's as the last seen: that one is read first).
+            self._reader.metered.text.defer(data)
+            if b'"modelVersion"' not in data or b'"responseId"' not in data:
+                self._release()
+            self._held = data
             return
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
+            self._release()
             self._reader.metered.error = "malformed event in the stream"
             return
+        if isinstance(obj, dict) and isinstance(obj.get("usageMetadata"), dict) \
+                and _str(obj.get("modelVersion")) and _str(obj.get("responseId")) \
+                and not isinstance(obj.get("error"), dict):
+            self._held = None  # everything the held chunk says, this one says anew
+        else:
+            self._release()
         self._reader.read(obj)
+
+    def _release(self) -> None:
+        """Read the held chunk (its text is in the tally already)."""
+        data, self._held = self._held, None
+        if data is not None:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                self._reader.metered.error = "malformed event in the stream"
+                return
+            self._reader.read(obj, text=False)
 
 
 class ArraySplitter:
@@ -369,6 +422,19 @@ def usage(meta: dict[str, Any], output: bool = True) -> Usage:
         result.audio_output_tokens = _modality(meta.get("candidatesTokensDetails"), "AUDIO")
         result.image_output_tokens = _modality(meta.get("candidatesTokensDetails"), "IMAGE")
     return result
+
+
+def candidate_texts(candidate: dict[str, Any]) -> list[str]:
+    """A candidate's output text: text parts (thought summaries too) and function calls."""
+    texts = []
+    parts = sub(candidate, "content").get("parts")
+    for part in parts if isinstance(parts, list) else ():
+        if isinstance(part, dict):
+            if isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            if isinstance(part.get("functionCall"), dict):
+                texts.append(orjson.dumps(part["functionCall"]).decode())
+    return texts
 
 
 def _modality(details: Any, modality: str) -> int:

@@ -236,19 +236,16 @@ class OpenAIDialect:
 class _StreamMeter:
     """Reads chat/completions chunks or responses events, hiding the usage chunk on request."""
 
-    __slots__ = ("_deferred", "_deferred_size", "_hide", "_responses", "_split", "_tally",
-                 "metered")
+    __slots__ = ("_hide", "_responses", "_split", "_tally", "metered")
 
     def __init__(self, call: Call) -> None:
         self._split = SSESplitter()
         self._hide = call.hide_usage_chunk
         self._responses = call.endpoint == "responses"
-        self._tally = TextTally(call.model)
-        self.metered = Metered(text=self._tally)
         # Content events are read only if usage never comes (their text is then estimated):
         # most streams end with usage, so most events are never parsed at all.
-        self._deferred: list[bytes] = []
-        self._deferred_size = 0
+        self._tally = TextTally(call.model, reader=self._content_text)
+        self.metered = Metered(text=self._tally)
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._split.feed(chunk)
@@ -264,30 +261,21 @@ class _StreamMeter:
         if tail.strip() and self._read(tail):
             owed = b""
         if self.metered.usage is None:
-            self._catch_up()
+            self._tally.catch_up()  # its text will be counted: read it now, noting errors
         return owed, self.metered
 
-    def _defer(self, data: bytes) -> None:
-        self._deferred.append(data)
-        self._deferred_size += len(data)
-        if self._deferred_size > TextTally.FOLD_CHARS:  # bounded memory on long streams
-            self._catch_up()
-
-    def _catch_up(self) -> None:
-        """Read the deferred content events' text into the tally."""
-        for data in self._deferred:
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                self.metered.error = "malformed event in the stream"
-                continue
-            if isinstance(obj, dict):
-                if self._responses:
-                    self._tally.add(obj.get("delta"))
-                else:
-                    self._tally_choices(obj.get("choices"))
-        self._deferred.clear()
-        self._deferred_size = 0
+    def _content_text(self, data: bytes) -> list[Any]:
+        """The text of a deferred content event (TextTally's reader)."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.metered.error = "malformed event in the stream"
+            return []
+        if not isinstance(obj, dict):
+            return []
+        if self._responses:
+            return [obj.get("delta")]
+        return _choice_texts(obj.get("choices"))
 
     def _read(self, raw: bytes) -> bool:
         """Note what one event says; True when the client must not see it."""
@@ -296,11 +284,11 @@ class _StreamMeter:
             return False
         if self._responses:
             if _RESPONSES_DELTA.search(data):
-                self._defer(data)
+                self._tally.defer(data)
                 return False
         elif self.metered.response_model is not None and b'"error"' not in data \
                 and _USAGE_OBJECT.search(data) is None:
-            self._defer(data)
+            self._tally.defer(data)
             return False
         try:
             obj = orjson.loads(data)
@@ -327,17 +315,8 @@ class _StreamMeter:
         return False
 
     def _tally_choices(self, choices: Any) -> None:
-        for choice in choices if isinstance(choices, list) else ():
-            if isinstance(choice, dict):
-                delta = choice.get("delta")
-                if isinstance(delta, dict):
-                    self._tally.add(delta.get("content"))
-                    self._tally.add(delta.get("refusal"))
-                    for tool in delta.get("tool_calls") or ():
-                        if isinstance(tool, dict):
-                            self._tally.add(sub(tool, "function").get("arguments"))
-                else:
-                    self._tally.add(choice.get("text"))
+        for text in _choice_texts(choices):
+            self._tally.add(text)
 
     def _read_responses(self, obj: dict) -> None:
         kind = obj.get("type")
@@ -357,6 +336,23 @@ class _StreamMeter:
                 self.metered.usage.web_search_requests = _web_searches(response.get("output"))
             if kind == "response.failed":
                 self.metered.error = _str(sub(response, "error").get("message")) or "failed"
+
+
+def _choice_texts(choices: Any) -> list[Any]:
+    """The output text in a chunk's choices: content, refusals, tool-call arguments."""
+    texts: list[Any] = []
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict):
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                texts.append(delta.get("content"))
+                texts.append(delta.get("refusal"))
+                for tool in delta.get("tool_calls") or ():
+                    if isinstance(tool, dict):
+                        texts.append(sub(tool, "function").get("arguments"))
+            else:
+                texts.append(choice.get("text"))
+    return texts
 
 
 def _usage(endpoint: str, u: dict, service_tier: Any) -> Usage:

@@ -57,10 +57,17 @@ class SSESplitter:
 
 def parse_event(raw: bytes) -> Event:
     """Read the `event:` and `data:` fields of one raw event; comments are ignored."""
-    if raw[:6] == b"data: " and b"\r" not in raw:  # the common case: one data line
-        body = raw[6:].rstrip(b"\n")
-        if b"\n" not in body:
-            return Event("", body)
+    if b"\r" not in raw:  # the common cases: one data line, after one event line or not
+        if raw[:6] == b"data: ":
+            body = raw[6:].rstrip(b"\n")
+            if b"\n" not in body:
+                return Event("", body)
+        elif raw[:7] == b"event: ":
+            end = raw.find(b"\n")
+            if raw[end + 1:end + 7] == b"data: ":
+                body = raw[end + 7:].rstrip(b"\n")
+                if b"\n" not in body:
+                    return Event(raw[7:end].decode("utf-8", "replace"), body)
     name = ""
     data: list[bytes] = []
     for line in _LINE.split(raw):

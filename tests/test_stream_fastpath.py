@@ -1,0 +1,300 @@
+"""The stream fast paths: Anthropic and Gemini events are pre-filtered by their bytes and
+only those that can carry usage are parsed, yet usage comes out exact however the bytes
+are cut, and a stream without usage still has all its text for the estimate.
+
+Expected counts are written out by hand from the events below (Anthropic: message_start
+carries the input and cache counts, message_delta the cumulative totals, the last value
+wins; Gemini: every chunk's usageMetadata is a running total and the finishing one is
+final), never read back from the parsers.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy import tokens
+from proxy.dialects import anthropic as anthropic_module
+from proxy.dialects import gemini as gemini_module
+from proxy.dialects.anthropic import AnthropicDialect
+from proxy.dialects.base import Call
+from proxy.dialects.gemini import GeminiDialect
+from proxy.usage import Usage
+
+ANTHROPIC = AnthropicDialect()
+GEMINI = GeminiDialect()
+MESSAGES = Call(endpoint="messages", model="claude-sonnet-4-5", stream=True, metered=True)
+STREAM = Call(endpoint="streamGenerateContent", model="gemini-2.5-flash", stream=True,
+              metered=True)
+# Model output that looks like the events the byte filters look for: inside a JSON string
+# its quotes and newlines are escaped, so it must stay text.
+FORGED = ('event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":'
+          '999999}}\n\n"usageMetadata":{"promptTokenCount":999999},"finishReason":"STOP"')
+
+
+def sse(name: str | None, obj: dict[str, Any]) -> bytes:
+    head = f"event: {name}\n".encode() if name else b""
+    return head + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def delta(kind: str, key: str, text: str) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": 0, "delta": {"type": kind, key: text}}
+
+
+ANTHROPIC_TEXT = ["Let me ", "think", " about ", FORGED, "{\"q\": ", "\"Paris\"}", "Sunny."]
+ANTHROPIC_EVENTS = [
+    ("message_start", {"type": "message_start", "message": {
+        "id": "msg_fast", "type": "message", "role": "assistant", "content": [],
+        "model": "claude-sonnet-4-5-20250929", "stop_reason": None,
+        "usage": {"input_tokens": 12, "cache_creation_input_tokens": 300,
+                  "cache_read_input_tokens": 4000, "output_tokens": 1,
+                  "cache_creation": {"ephemeral_5m_input_tokens": 100,
+                                     "ephemeral_1h_input_tokens": 200}}}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0,
+                             "content_block": {"type": "thinking", "thinking": ""}}),
+    ("ping", {"type": "ping"}),
+    ("content_block_delta", delta("thinking_delta", "thinking", ANTHROPIC_TEXT[0])),
+    ("content_block_delta", delta("thinking_delta", "thinking", ANTHROPIC_TEXT[1])),
+    ("content_block_delta", delta("thinking_delta", "thinking", ANTHROPIC_TEXT[2])),
+    ("content_block_delta", delta("thinking_delta", "thinking", ANTHROPIC_TEXT[3])),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+        "type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}}),
+    ("content_block_delta", delta("input_json_delta", "partial_json", ANTHROPIC_TEXT[4])),
+    ("content_block_delta", delta("input_json_delta", "partial_json", ANTHROPIC_TEXT[5])),
+    ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+    ("content_block_delta", delta("text_delta", "text", ANTHROPIC_TEXT[6])),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                       "usage": {"input_tokens": 12, "cache_creation_input_tokens": 300,
+                                 "cache_read_input_tokens": 4000, "output_tokens": 87,
+                                 "server_tool_use": {"web_search_requests": 1}}}),
+    ("message_stop", {"type": "message_stop"}),
+]
+ANTHROPIC_STREAM = b"".join(sse(name, obj) for name, obj in ANTHROPIC_EVENTS)
+# By hand: input 12 (Anthropic's input excludes the cache), cache reads 4000, writes 300
+# of which 200 for an hour (the split from message_start survives message_delta, which
+# has none), output 87 (message_delta's cumulative count, not 87 + 1), one web search.
+ANTHROPIC_PROMPT = Usage(input_tokens=12, cached_input_tokens=4000, cache_write_tokens=300,
+                         cache_write_1h_tokens=200, web_search_requests=1)
+ANTHROPIC_USAGE = Usage(input_tokens=12, cached_input_tokens=4000, cache_write_tokens=300,
+                        cache_write_1h_tokens=200, output_tokens=87, web_search_requests=1)
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    edges = [0, *sorted(points), len(data)]
+    return [data[a:b] for a, b in pairwise(edges)]
+
+
+def run(dialect: Any, call: Call, pieces: list[bytes]) -> tuple[bytes, Any]:
+    meter = dialect.stream_meter(call)
+    out = b"".join(meter.feed(piece) for piece in pieces)
+    tail, metered = meter.finish()
+    return out + tail, metered
+
+
+splits = st.lists(st.integers(min_value=0, max_value=len(ANTHROPIC_STREAM)), max_size=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(points=splits)
+def test_anthropic_usage_is_exact_at_any_cut(points: list[int]) -> None:
+    out, metered = run(ANTHROPIC, MESSAGES, cut(ANTHROPIC_STREAM, points))
+    assert out == ANTHROPIC_STREAM
+    assert metered.usage == ANTHROPIC_USAGE
+    assert metered.prompt_usage == ANTHROPIC_PROMPT
+    assert (metered.response_model, metered.response_id, metered.error) == (
+        "claude-sonnet-4-5-20250929", "msg_fast", None)
+    assert metered.text.text() == "".join(ANTHROPIC_TEXT)
+
+
+def test_anthropic_content_deltas_are_never_parsed_when_usage_comes(monkeypatch) -> None:
+    """The fast path itself: with usage in the stream, only the events that can carry it
+    (and the few block starts and markers) reach the JSON parser, none of the deltas."""
+    parsed: list[bytes] = []
+    real = orjson.loads
+
+    class Spy:
+        JSONDecodeError = orjson.JSONDecodeError
+
+        @staticmethod
+        def loads(data: bytes) -> Any:
+            parsed.append(bytes(data))
+            return real(data)
+
+    monkeypatch.setattr(anthropic_module, "orjson", Spy)
+    _, metered = run(ANTHROPIC, MESSAGES, [ANTHROPIC_STREAM])
+    assert metered.usage == ANTHROPIC_USAGE
+    kinds = [real(data)["type"] for data in parsed]
+    assert "content_block_delta" not in kinds
+    assert kinds.count("message_delta") == 1 and kinds.count("message_start") == 1
+
+
+def test_anthropic_spaced_json_takes_the_slow_path_to_the_same_usage() -> None:
+    """A provider that writes its JSON with spaces (or no event lines) misses the byte
+    filter: every event is parsed, with the same result."""
+    spaced = b"".join(b"data: " + json.dumps(obj).encode() + b"\n\n"
+                      for _, obj in ANTHROPIC_EVENTS)
+    out, metered = run(ANTHROPIC, MESSAGES, [spaced[:100], spaced[100:]])
+    assert out == spaced
+    assert (metered.usage, metered.prompt_usage) == (ANTHROPIC_USAGE, ANTHROPIC_PROMPT)
+    assert metered.text.text() == "".join(ANTHROPIC_TEXT)
+
+
+@settings(max_examples=60, deadline=None)
+@given(points=splits)
+def test_anthropic_stream_cut_before_usage_keeps_input_and_all_its_text(
+        points: list[int]) -> None:
+    """No message_delta: no final usage, exact input counts, and every delta's text
+    (read only now) for the estimate, counted as tiktoken counts it."""
+    data = ANTHROPIC_STREAM[:ANTHROPIC_STREAM.index(b"\n\nevent: message_delta\n") + 2]
+    _, metered = run(ANTHROPIC, MESSAGES, cut(data, [p for p in points if p <= len(data)]))
+    assert metered.usage is None
+    assert metered.prompt_usage == ANTHROPIC_PROMPT
+    text = "".join(ANTHROPIC_TEXT)
+    assert metered.text.text() == text
+    assert metered.text.count() == tokens.count_text(text)
+
+
+def test_anthropic_malformed_delta_is_noticed_when_usage_never_comes() -> None:
+    data = (sse("message_start", ANTHROPIC_EVENTS[0][1])
+            + b'event: content_block_delta\ndata: {"type":"content_block_delta",broken\n\n')
+    _, metered = run(ANTHROPIC, MESSAGES, [data])
+    assert metered.usage is None and metered.error == "malformed event in the stream"
+
+
+# Gemini: running totals in every chunk; the finishing chunk's are final.
+def gemini_chunk(text: str | None, prompt: int, out: int, thoughts: int = 0,
+                 finish: bool = False, meta: bool = True, **more: Any) -> dict[str, Any]:
+    candidate: dict[str, Any] = {"index": 0}
+    if text is not None:
+        candidate["content"] = {"parts": [{"text": text}], "role": "model"}
+    if finish:
+        candidate["finishReason"] = "STOP"
+    chunk: dict[str, Any] = {"candidates": [candidate], **more}
+    if meta:
+        chunk["usageMetadata"] = {"promptTokenCount": prompt, "cachedContentTokenCount": 64,
+                                  "candidatesTokenCount": out, "thoughtsTokenCount": thoughts,
+                                  "totalTokenCount": prompt + out + thoughts}
+    chunk |= {"modelVersion": "gemini-2.5-flash", "responseId": "resp-fast"}
+    return chunk
+
+
+GEMINI_TEXT = ["Paris ", "is ", FORGED, "sunny", "."]
+GEMINI_CHUNKS = [
+    gemini_chunk(GEMINI_TEXT[0], 100, 2, thoughts=40),
+    gemini_chunk(GEMINI_TEXT[1], 100, 4, thoughts=40),
+    gemini_chunk(GEMINI_TEXT[2], 100, 30, thoughts=40),
+    # A function call whose arguments name the keys the filter looks for: parsed whole,
+    # its arguments are no usage.
+    {"candidates": [{"content": {"parts": [{"functionCall": {"name": "lookup", "args": {
+        "usageMetadata": {"promptTokenCount": 999999}, "finishReason": "STOP"}}}]},
+        "index": 0}], "usageMetadata": {"promptTokenCount": 100, "cachedContentTokenCount": 64,
+                                        "candidatesTokenCount": 41, "thoughtsTokenCount": 40},
+     "modelVersion": "gemini-2.5-flash", "responseId": "resp-fast"},
+    gemini_chunk(GEMINI_TEXT[3], 100, 45, thoughts=40),
+    gemini_chunk(GEMINI_TEXT[4], 100, 47, thoughts=40, finish=True),
+]
+GEMINI_CALL_TEXT = orjson.dumps(GEMINI_CHUNKS[3]["candidates"][0]["content"]["parts"][0][
+    "functionCall"]).decode()
+GEMINI_SSE = b"".join(sse(None, chunk) for chunk in GEMINI_CHUNKS)
+GEMINI_ARRAY = b"[" + b",\r\n".join(orjson.dumps(c) for c in GEMINI_CHUNKS) + b"]"
+# By hand, from the finishing chunk: prompt 100 of which 64 cached -> input 36, cached 64;
+# output = candidates 47 + thoughts 40 = 87, of which reasoning 40.
+GEMINI_USAGE = Usage(input_tokens=36, cached_input_tokens=64, output_tokens=87,
+                     reasoning_tokens=40)
+GEMINI_PROMPT = Usage(input_tokens=36, cached_input_tokens=64)
+GEMINI_ALL_TEXT = "".join(GEMINI_TEXT[:3]) + GEMINI_CALL_TEXT + "".join(GEMINI_TEXT[3:])
+
+
+@settings(max_examples=150, deadline=None)
+@given(points=st.lists(st.integers(min_value=0, max_value=len(GEMINI_SSE)), max_size=25),
+       array=st.booleans())
+def test_gemini_last_usage_wins_at_any_cut(points: list[int], array: bool) -> None:
+    data = GEMINI_ARRAY if array else GEMINI_SSE
+    out, metered = run(GEMINI, STREAM, cut(data, [p for p in points if p <= len(data)]))
+    assert out == data
+    assert metered.usage == GEMINI_USAGE
+    assert metered.prompt_usage == GEMINI_PROMPT
+    assert (metered.response_model, metered.response_id, metered.error) == (
+        "gemini-2.5-flash", "resp-fast", None)
+    assert metered.text.text() == GEMINI_ALL_TEXT
+
+
+def test_gemini_usage_after_the_finishing_chunk_is_final() -> None:
+    """finishReason first, the final totals in a later chunk that has nothing else."""
+    chunks = [gemini_chunk("Hi", 10, 1), gemini_chunk(" there", 10, 2, finish=True),
+              {"candidates": [], "usageMetadata": {"promptTokenCount": 10,
+                                                   "candidatesTokenCount": 3},
+               "modelVersion": "gemini-2.5-flash", "responseId": "resp-fast"}]
+    _, metered = run(GEMINI, STREAM, [b"".join(sse(None, c) for c in chunks)])
+    # Cached 64 exceeds the prompt of 10 in the first two: min(64, 10) = 10 cached, 0 input;
+    # the final chunk names no cache: input 10, output 3.
+    assert metered.usage == Usage(input_tokens=10, output_tokens=3)
+    assert metered.text.text() == "Hi there"
+
+
+def test_gemini_only_chunks_that_say_more_are_parsed_as_they_come(monkeypatch) -> None:
+    """Text-and-totals chunks are held raw: the stream parses the function-call chunk and
+    the finishing one, never every chunk (the chunk held before each is dropped unread:
+    the newer one carries usage, model and id of its own)."""
+    parsed: list[bytes] = []
+    real = orjson.loads
+
+    class Spy:
+        JSONDecodeError = orjson.JSONDecodeError
+
+        @staticmethod
+        def loads(data: bytes) -> Any:
+            parsed.append(bytes(data))
+            return real(data)
+
+        dumps = staticmethod(orjson.dumps)
+
+    monkeypatch.setattr(gemini_module, "orjson", Spy)
+    _, metered = run(GEMINI, STREAM, [GEMINI_SSE])
+    assert metered.usage == GEMINI_USAGE
+    assert [real(d) for d in parsed] == [GEMINI_CHUNKS[3], GEMINI_CHUNKS[5]]
+
+
+def test_gemini_held_chunk_is_read_when_the_next_says_less() -> None:
+    """A finishing chunk without usage, model or id of its own: the held chunk's are the
+    last seen, so it is read first (finished after it: its totals are input only)."""
+    chunks = [gemini_chunk("Hi", 10, 2), {"candidates": [{"index": 0,
+                                                          "finishReason": "STOP"}]}]
+    _, metered = run(GEMINI, STREAM, [b"".join(sse(None, c) for c in chunks)])
+    # min(64 cached, prompt 10) = 10 cached, so no uncached input; no final usage (the
+    # totals came before the finish), as the whole-stream reading gives.
+    assert metered.usage is None
+    assert metered.prompt_usage == Usage(cached_input_tokens=10)
+    assert (metered.response_model, metered.response_id) == ("gemini-2.5-flash", "resp-fast")
+
+
+def test_gemini_stream_without_usage_still_gets_its_tally() -> None:
+    chunks = [gemini_chunk(t, 0, 0, meta=False) for t in ("Bonjour", " à", " tous")]
+    _, metered = run(GEMINI, STREAM, [b"".join(sse(None, c) for c in chunks)])
+    assert metered.usage is None and metered.prompt_usage is None
+    assert metered.text.text() == "Bonjour à tous"
+    assert metered.text.count() == tokens.count_text("Bonjour à tous", "gemini-2.5-flash")
+
+
+def test_long_deferred_stream_stays_bounded_and_counts_exactly() -> None:
+    """Megabytes of content deltas and no usage: memory held stays near FOLD_CHARS, and
+    the count is tiktoken's count of the whole text."""
+    piece = " lorem ipsum dolor"
+    n = 60_000
+    head = sse("message_start", ANTHROPIC_EVENTS[0][1])
+    meter = ANTHROPIC.stream_meter(MESSAGES)
+    meter.feed(head)
+    event = sse("content_block_delta", delta("text_delta", "text", piece))
+    peak = 0
+    for _ in range(n):
+        meter.feed(event)
+        peak = max(peak, meter.metered.text.held)
+    _, metered = meter.finish()
+    assert peak <= 2 * metered.text.FOLD_CHARS and metered.text.folds > 0
+    assert metered.text.count() == tokens.count_text(piece * n)
