@@ -17,8 +17,11 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.simulator import Scenario
+from proxy.stages.relay import Tail
 from tests.conftest import PROVIDER_KEY, VIRTUAL_KEY, Served, Stack, http, sha
 
 
@@ -279,3 +282,17 @@ def test_hundred_megabyte_answer_streams_through_with_its_usage(sim: Stack) -> N
     assert (row["input_tokens"], row["usage_source"], row["outcome"]) == (123456, "provider",
                                                                          "ok")
     assert row["cost_usd"] == pytest.approx(123456 * 0.02 / 1e6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=700), max_size=40),
+       keep=st.integers(min_value=1, max_value=1000))
+def test_tail_of_a_large_body_is_its_last_bytes(sizes: list[int], keep: int) -> None:
+    """The relay's tail keeper: exactly the body's last `keep` bytes, holding whole chunks
+    and never more than `keep` plus one chunk."""
+    chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    tail = Tail(keep)
+    for chunk in chunks:
+        tail.add(chunk)
+        assert tail._size <= keep + max(sizes)
+    assert tail.bytes() == b"".join(chunks)[-keep:]

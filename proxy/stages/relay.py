@@ -7,6 +7,7 @@ out as a header before the body; anything larger streams through as well.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import aiohttp
@@ -124,14 +125,15 @@ async def _relay_large(
     """A body too large to hold: stream it on, keep its tail for the usage at its end."""
     out = web.StreamResponse(status=upstream.status, headers=response_headers(upstream, x))
     await out.prepare(x.request)
-    tail = b""
+    tail = Tail(TAIL_KEEP)
     try:
         for chunk in head:
             await _write(x, out, chunk)
-        tail = b"".join(head)[-TAIL_KEEP:]
+            tail.add(chunk)
+        head.clear()
         async for chunk in upstream.content.iter_any():
             await _write(x, out, chunk)
-            tail = (tail + chunk)[-TAIL_KEEP:]
+            tail.add(chunk)
     except _UPSTREAM_BROKE as exc:
         if x.outcome == Outcome.CLIENT_DISCONNECT:
             raise
@@ -139,9 +141,31 @@ async def _relay_large(
         x.error = f"upstream body broke: {type(exc).__name__}"
         _abort(x)
         return out
-    x.metered = x.dialect.read_usage(x.call, tail) if x.call.metered else Metered()
+    x.metered = x.dialect.read_usage(x.call, tail.bytes()) if x.call.metered else Metered()
     await out.write_eof()
     return out
+
+
+class Tail:
+    """The last `keep` bytes of a body: whole chunks in a deque, dropped from the front
+    once the rest still covers `keep`, joined once at the end. No chunk is copied while
+    the body passes (a 100 MB answer is not 0.5 GB of memcpy)."""
+
+    __slots__ = ("_chunks", "_keep", "_size")
+
+    def __init__(self, keep: int) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._keep = keep
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        while self._size - len(self._chunks[0]) >= self._keep:
+            self._size -= len(self._chunks.popleft())
+
+    def bytes(self) -> bytes:
+        return b"".join(self._chunks)[-self._keep:]
 
 
 async def _write(x: Exchange, out: web.StreamResponse, data: bytes) -> None:
