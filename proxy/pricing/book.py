@@ -100,7 +100,7 @@ class PriceBook:
     def model(self, table: str, names: Iterable[str | None]) -> ModelPrices | None:
         """The entry for the first of `names` the table knows: exact or alias, then without
         a vendor prefix, a date suffix or `-latest`; `ft:<base>:...` is the base's fine-tune."""
-        key = (table, tuple(names))
+        key = (table, names if type(names) is tuple else tuple(names))
         if key in self._resolved:
             return self._resolved[key]
         found = None

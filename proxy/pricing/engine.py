@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from proxy.dialects import standard_tiers
 from proxy.pricing.book import Price
-from proxy.token_classes import BY_NAME, PRICED, Unit, priced_counts
+from proxy.token_classes import BY_COLUMN, BY_NAME, PRICED, PRICED_PARTS, Unit
 
 QUANTUM = Decimal("1e-10")
 
@@ -24,11 +25,12 @@ class Cost:
     breakdown: dict[str, Any]
 
 
-def cost(usage: Any, price: Price, when: datetime) -> Cost:
+def cost(usage: Any, price: Price, when: datetime, breakdown: bool = True) -> Cost:
     """The exact cost of a call: each class at its rate (tokens per 1M, units per 1,000).
 
     Long-context tiers are cliffs (above the threshold every token moves to the tier's
     rates); the served speed, service tier and time windows apply on top of the result.
+    `breakdown=False` (a budget hold, which needs the total only) skips the per-class lines.
     """
     period = price.period
     rates = price.rates
@@ -58,22 +60,55 @@ def cost(usage: Any, price: Price, when: datetime) -> Cost:
             break
     total = Decimal(0)
     lines: dict[str, Any] = {}
-    counts = priced_counts(usage.counts())
-    for cls in PRICED:
-        n = counts[cls.name]
+    counts = _amounts(usage)
+    for name, keys, per, is_tokens in _CLASSES:
+        n = counts[name]
         if not n:
             continue
-        rate = _rate(rates, cls.name)
+        rate = None
+        for key in keys:
+            rate = getattr(rates, key)
+            if rate is not None:
+                break
         if rate is None:
             rate = Decimal(0)
-            notes.setdefault("missing_rates", []).append(cls.name)
-        usd = n * rate / cls.per
+            notes.setdefault("missing_rates", []).append(name)
+        usd = n * rate / per
         total += usd
-        if cls.unit is Unit.TOKENS:
-            lines[cls.name] = {"tokens": n, "usd_per_mtok": plain(rate), "usd": plain(usd)}
+        if not breakdown:
+            continue
+        if is_tokens:
+            lines[name] = {"tokens": n, "usd_per_mtok": _plain_rate(rate), "usd": plain(usd)}
         else:
-            lines[cls.name] = {"requests": n, "usd_per_1000": plain(rate), "usd": plain(usd)}
+            lines[name] = {"requests": n, "usd_per_1000": _plain_rate(rate), "usd": plain(usd)}
     return Cost(total, {"classes": lines, **notes})
+
+
+# Resolved once, not per call: each priced class's name, rate keys in fallback order,
+# unit size and kind; and each top-level column with the parts priced apart within it.
+_CLASSES = tuple((c.name, (c.rate, *c.fallback), c.per, c.unit is Unit.TOKENS) for c in PRICED)
+_SPLIT = tuple((c.column, c.name, tuple((BY_COLUMN[p].column, BY_COLUMN[p].name)
+                                        for p in PRICED_PARTS[c.column]))
+               for c in PRICED if c.within is None)
+
+
+def _amounts(usage: Any) -> dict[str, int]:
+    """priced_counts(usage.counts()) without building the counts: the disjoint amount
+    each rate applies to, by class name (a part capped at what remains of its parent)."""
+    result: dict[str, int] = {}
+    for column, name, parts in _SPLIT:
+        n = getattr(usage, column, 0)
+        for part_column, part_name in parts:
+            taken = min(getattr(usage, part_column, 0), n)
+            result[part_name] = taken
+            n -= taken
+        result[name] = n
+    return result
+
+
+@lru_cache(maxsize=4096)
+def _plain_rate(rate: Decimal) -> str:
+    return plain(rate)  # rates come from a few table entries: format each once
 
 
 def _rate(rates: Any, name: str) -> Decimal | None:
