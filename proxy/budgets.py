@@ -47,6 +47,7 @@ DEFAULT_CONTEXT_WINDOW = 200_000
 # A per-trace budget of period `total` is forgotten this long after its trace's last call:
 # trace ids are per run, so their counters would otherwise pile up for ever.
 TRACE_IDLE_S = 86_400
+_KEY_CACHE_LIMIT = 10_000  # ledger keys kept between calls, per budget and scope
 
 
 def scope_of(scope: tuple[tuple[str, str], ...], attrs: dict[str, str | None]) -> str | None:
@@ -267,15 +268,20 @@ class Budgets:
         self.allow_unpriced = settings.pricing.unpriced is Unpriced.ALLOW
         self.alerts = alerts
         self.count_bytes_up_to = settings.server.estimate_bytes_above_kb * 1024
+        # Each budget's current period and each scope's ledger key, kept between calls.
+        self._periods: list[tuple[datetime, datetime | None] | None] = [None] * len(budgets)
+        self._keys: dict[tuple[int, str], tuple[datetime, str]] = {}
+        # The embedded ledger settles in place: no task per call.
+        self._settle_now = getattr(ledger, "settle_now", None)
 
     def applicable(self, attrs: dict[str, str | None], now: datetime
                    ) -> list[tuple[Budget, str, str, datetime | None]]:
         found = []
-        for budget in self.budgets:
+        for i, budget in enumerate(self.budgets):
             scope = budget.concrete_scope(attrs)
             if scope is not None:
-                start, end = budget.bounds(now)
-                found.append((budget, scope, budget.key(scope, start), end))
+                start, end = self._period(i, now)
+                found.append((budget, scope, self._key(i, scope, start), end))
         return found
 
     def windows_of(self, attrs: dict[str, str | None]) -> list[tuple[RateLimit, str]]:
@@ -285,6 +291,25 @@ class Budgets:
             if scope is not None:
                 found.append((limit, scope))
         return found
+
+    def _period(self, i: int, now: datetime) -> tuple[datetime, datetime | None]:
+        """budgets[i].bounds(now), computed again only when `now` leaves the cached period."""
+        cached = self._periods[i]
+        if cached is not None and cached[0] <= now and (cached[1] is None or now < cached[1]):
+            return cached
+        cached = self._periods[i] = self.budgets[i].bounds(now)
+        return cached
+
+    def _key(self, i: int, scope: str, start: datetime) -> str:
+        """budgets[i].key(scope, start), kept per scope for its current period."""
+        cached = self._keys.get((i, scope))
+        if cached is not None and cached[0] == start:
+            return cached[1]
+        if len(self._keys) >= _KEY_CACHE_LIMIT:  # scopes come from clients: bound it
+            self._keys.clear()
+        key = self.budgets[i].key(scope, start)
+        self._keys[(i, scope)] = (start, key)
+        return key
 
     async def reserve(self, x: Exchange) -> None:
         """Hold the call's maximum cost on every budget that applies and enter it in every
@@ -381,7 +406,7 @@ class Budgets:
         unless pricing.unpriced is `allow`."""
         model = x.call.model
         table = x.upstream.pricing_table
-        price = self.prices.lookup(table, [model], now)
+        price = self.prices.lookup(table, (model,), now)
         if price is None and usd_budget is not None and not self.allow_unpriced:
             raise MeterError(
                 Kind.PERMISSION,
@@ -397,7 +422,7 @@ class Budgets:
                                                tenant=x.key_name or "")
             except tokens.TooDeep as exc:
                 raise MeterError(Kind.INVALID_REQUEST, str(exc)) from None
-        entry = self.prices.model(table, [model])
+        entry = self.prices.model(table, (model,))
         if x.call.server_context:
             prompt += entry.context_window if entry and entry.context_window \
                 else DEFAULT_CONTEXT_WINDOW
@@ -407,7 +432,7 @@ class Budgets:
                 else self.default_output
         output *= x.call.choices
         usage = Usage(input_tokens=prompt, output_tokens=output)
-        usd = cost(usage, price, now).total if price is not None else ZERO
+        usd = cost(usage, price, now, breakdown=False).total if price is not None else ZERO
         return usd, prompt + output
 
     def settle(self, x: Exchange) -> None:
@@ -419,6 +444,9 @@ class Budgets:
         usd = x.cost if x.cost is not None else ZERO
         usage = x.usage or Usage()
         count = usage.prompt_tokens + usage.output_tokens
+        if self._settle_now is not None and not reservation.unreserved:
+            self._observe(self._settle_now(x.id, usd, count), reservation)
+            return
         self.spawn(self._settle(x.id, usd, count, reservation))
 
     async def _settle(self, call_id: str, usd: Decimal, count: int,
@@ -438,6 +466,9 @@ class Budgets:
                               error=str(exc))
                     return
                 await asyncio.sleep(delay)
+        self._observe(settled, reservation)
+
+    def _observe(self, settled: list[tuple[Hold, Balance]], reservation: Reservation) -> None:
         scopes = {h.key: (b, scope) for b, scope, h in reservation.holds}
         for hold, balance in settled:
             budget, scope = scopes[hold.key]

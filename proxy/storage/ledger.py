@@ -191,6 +191,10 @@ class LocalLedger:
                 del self._idle[key]
 
     async def settle(self, call_id: str, usd: Decimal, tokens: int) -> list[tuple[Hold, Balance]]:
+        return self.settle_now(call_id, usd, tokens)
+
+    def settle_now(self, call_id: str, usd: Decimal, tokens: int) -> list[tuple[Hold, Balance]]:
+        """`settle` without a coroutine: the budgets call it in place, on the loop."""
         for log, entry in self._entries.pop(call_id, ()):
             log.settle(entry, tokens, usd)
         holds = self._calls.pop(call_id, None)
