@@ -27,7 +27,8 @@ def authenticate(rt: Runtime, x: Exchange) -> None:
     client_key = dialect.client_key(request)
     x.headers = headers.strip(request.headers, toward_provider=True)
     x.headers["Accept-Encoding"] = UPSTREAM_ACCEPT_ENCODING
-    x.query = MultiDict(request.query)
+    if request.query_string:  # else the Exchange's own empty one
+        x.query = MultiDict(request.query)
     if rt.settings.auth.mode == AuthMode.PASSTHROUGH:
         x.key_name = fingerprint(client_key) if client_key else None
         return

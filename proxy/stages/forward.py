@@ -22,7 +22,7 @@ async def forward(session: aiohttp.ClientSession, x: Exchange) -> aiohttp.Client
         else:
             x.headers.popall("Content-Encoding", None)  # our edit went into the plain copy
     query = x.request.raw_path.partition("?")[2]
-    if x.query != x.request.query:  # the dialect moved a key out of the query string
+    if query and x.query != x.request.query:  # the dialect moved a key out of the query
         query = urlencode(list(x.query.items()))
     url = URL(f"{upstream.base_url}{x.path}{'?' if query else ''}{query}", encoded=True)
     x.forwarded = True
