@@ -20,6 +20,7 @@ from proxy import admin, preflight
 from proxy.config import Settings
 from proxy.keys import APP_SERVER
 from proxy.listener import GuardedSite, listen_socket, quiet_accept_errors
+from proxy.logs import flush as flush_logs
 from proxy.metrics import Metrics
 from proxy.pipeline import handle
 from proxy.server import Server
@@ -95,6 +96,7 @@ async def serve(settings: Settings, host: str, port: int, *, ready: asyncio.Even
         if publishing is not None:
             publishing.cancel()
         await runner.cleanup()
+        flush_logs()
 
 
 def _publish_metrics(metrics: Metrics) -> asyncio.Task | None:

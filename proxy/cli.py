@@ -235,7 +235,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.logs import configure
 
     settings = load_settings(args.config)
-    configure(settings.logging.level, settings.logging.format)
+    # One process: log lines are written off the event loop (workers write their own).
+    configure(settings.logging.level, settings.logging.format, background=args.workers == 1)
     host = args.host or settings.server.host
     port = args.port or settings.server.port
     if args.workers != 1:

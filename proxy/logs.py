@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import sys
+import threading
+import time
+from collections import deque
 
 import orjson
 import structlog
@@ -24,8 +29,65 @@ class _Stderr:
         sys.stderr.flush()
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
-    """Called by `serve` and `demo`, never at import."""
+class _Background:
+    """Log lines leave the event loop at once: a line is appended to a queue and a thread
+    of its own writes what has gathered every FLUSH_S (and at exit, or on `flush`), in one
+    write to whatever sys.stderr is then. A slow or stalled stderr (a pipe read too
+    slowly) never holds up calls, and a busy second costs a few writes, not one per call.
+
+    For one process only: workers sharing a stderr pipe write each line on its own, as a
+    batch larger than the pipe's atomic size could interleave with another worker's."""
+
+    FLUSH_S = 0.05
+
+    def __init__(self) -> None:
+        self._queue: deque[str] = deque()
+        self._lock = threading.Lock()  # one writer at a time: the thread or a flush()
+        self._thread: threading.Thread | None = None
+
+    def write(self, text: str) -> int:
+        self._queue.append(text)  # deque.append is atomic: no lock on the loop
+        if self._thread is None:
+            self._start()
+        return len(text)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="log-writer",
+                                                daemon=True)
+                self._thread.start()
+                atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.FLUSH_S)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every queued line now."""
+        with self._lock:
+            queue = self._queue
+            parts = []
+            while queue:
+                parts.append(queue.popleft())
+            if parts:
+                with contextlib.suppress(OSError, ValueError):  # stderr closed or gone
+                    sys.stderr.write("".join(parts))
+                    sys.stderr.flush()
+
+
+_background = _Background()
+
+
+def flush() -> None:
+    """Write out log lines still queued (server shutdown)."""
+    _background.flush()
+
+
+def configure(level: str = "info", fmt: str = "auto", background: bool = False) -> None:
+    """Called by `serve` and `demo`, never at import. `background`: log lines are written
+    by a thread of their own, off the event loop (`serve` with one process)."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer = (structlog.processors.JSONRenderer(serializer=_json) if use_json
                 else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
@@ -41,7 +103,8 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             logging.getLevelNamesMapping()[level.upper()]),
         # One write per line (PrintLogger writes the newline apart), so the lines of several
         # workers sharing stderr never interleave.
-        logger_factory=structlog.WriteLoggerFactory(file=_Stderr()),
+        logger_factory=structlog.WriteLoggerFactory(
+            file=_background if background else _Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 
