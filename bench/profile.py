@@ -14,6 +14,7 @@ where the time goes, not exact; the box is shared, so only shares are reported.
     python -m bench.profile [--calls 3000] [--concurrency 8] [--dialects openai,anthropic,gemini]
         [--modes json,stream] [--top 0] [--markdown]
     python -m bench.profile --rss [--calls 2000] [--rounds 3]   # resident set, budgets on
+    python -m bench.profile --compare-loops [--uvloop-path DIR]   # CPU/call, asyncio vs uvloop
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import pstats
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -357,6 +359,54 @@ def measure_rss(tmp: Path, upstream: int, args: argparse.Namespace) -> None:
         proc.wait(60)
 
 
+def compare_loops(tmp: Path, upstream: int, args: argparse.Namespace) -> None:
+    """CPU per call of two `serve` processes, asyncio's loop against uvloop, driven in
+    alternation (A B A B ...) with the same calls: the ratio per round, then its median."""
+    env = {**os.environ, PROVIDER_KEY_ENV: "sk-profile",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), args.uvloop_path,
+                                                       os.environ.get("PYTHONPATH")]))}
+    procs: dict[str, tuple[subprocess.Popen, int]] = {}
+    for name in ("asyncio", "uvloop"):
+        port = free_port()
+        run = tmp / name
+        run.mkdir()
+        config = config_for(run, port, upstream)
+        with (run / "proxy.log").open("wb") as log:
+            procs[name] = (subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)], cwd=ROOT,
+                env={**env, "METERPROXY_EVENT_LOOP": name}, stdout=log, stderr=log), port)
+    try:
+        for proc, port in procs.values():
+            wait_port(port, proc)
+        for dialect in args.dialects.split(","):
+            for mode in args.modes.split(","):
+                ratios = []
+                per_call: dict[str, list[float]] = {"asyncio": [], "uvloop": []}
+                for rnd in range(args.rounds + 1):  # round 0 warms up
+                    for name, (proc, port) in procs.items():
+                        url, body, headers = request_for(dialect, mode == "stream", port)
+                        before = sum(thread_cpu(proc.pid).values())
+                        failed = asyncio.run(drive(url, body, headers, args.calls,
+                                                   args.concurrency))
+                        time.sleep(0.3)  # the writer's flush belongs to these calls
+                        spent = sum(thread_cpu(proc.pid).values()) - before
+                        if failed:
+                            raise RuntimeError(f"{name} {dialect} {mode}: {failed} failed")
+                        if rnd:
+                            per_call[name].append(1000 * spent / args.calls)
+                    if rnd:
+                        ratios.append(per_call["uvloop"][-1] / per_call["asyncio"][-1])
+                print(f"{dialect:9s} {mode:6s} CPU ms/call asyncio "
+                      f"{statistics.median(per_call['asyncio']):.3f}, uvloop "
+                      f"{statistics.median(per_call['uvloop']):.3f}; uvloop/asyncio median "
+                      f"{statistics.median(ratios):.2f} (rounds: "
+                      f"{', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    finally:
+        for proc, _ in procs.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
 def rss_mb(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf(
         "SC_PAGE_SIZE") / 2**20
@@ -416,6 +466,11 @@ def main() -> None:
                         help="instead: RSS of one serve (budgets on) after --calls calls of "
                              "every dialect and mode, for --rounds rounds")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compare-loops", action="store_true",
+                        help="instead: CPU per call with asyncio's loop and with uvloop, "
+                             "paired round by round")
+    parser.add_argument("--uvloop-path", default="",
+                        help="a directory to import uvloop from (pip install --target)")
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--proxy", help=argparse.SUPPRESS)
     parser.add_argument("--stats", help=argparse.SUPPRESS)
@@ -436,6 +491,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="meterproxy-profile-") as tmp:
             if args.rss:
                 measure_rss(Path(tmp), upstream_port, args)
+                return
+            if args.compare_loops:
+                compare_loops(Path(tmp), upstream_port, args)
                 return
             for dialect in args.dialects.split(","):
                 for mode in args.modes.split(","):

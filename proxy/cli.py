@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import sys
 from collections.abc import Sequence
@@ -248,7 +249,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _run(coro: Any) -> None:
+    """uvloop where it is installed (the `fast` extra), else asyncio's own loop;
+    METERPROXY_EVENT_LOOP=asyncio chooses asyncio's anyway."""
     try:
+        if os.environ.get("METERPROXY_EVENT_LOOP") == "asyncio":
+            raise ImportError
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
         asyncio.run(coro)

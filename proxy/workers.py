@@ -123,8 +123,10 @@ def worker_main(settings: Settings, host: str, port: int, index: int) -> None:
     os.environ[WORKER_ENV] = str(index)
     coro = serve(settings, host, port, reuse_port=True)
     try:
+        if os.environ.get("METERPROXY_EVENT_LOOP") == "asyncio":
+            raise ImportError
         import uvloop  # type: ignore[import-not-found]
-
-        uvloop.run(coro)
     except ImportError:
         asyncio.run(coro)
+    else:
+        uvloop.run(coro)
