@@ -11,9 +11,13 @@ final), never read back from the parsers.
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +28,9 @@ from proxy.dialects import gemini as gemini_module
 from proxy.dialects.anthropic import AnthropicDialect
 from proxy.dialects.base import Call
 from proxy.dialects.gemini import GeminiDialect
+from proxy.simulator import Scenario
 from proxy.usage import Usage
+from tests.conftest import VIRTUAL_KEY, Stack, http
 
 ANTHROPIC = AnthropicDialect()
 GEMINI = GeminiDialect()
@@ -298,3 +304,60 @@ def test_long_deferred_stream_stays_bounded_and_counts_exactly() -> None:
     _, metered = meter.finish()
     assert peak <= 2 * metered.text.FOLD_CHARS and metered.text.folds > 0
     assert metered.text.count() == tokens.count_text(piece * n)
+
+
+def test_nothing_tokenizes_on_the_event_loop(tmp_path: Path, monkeypatch) -> None:
+    """Through the real proxy with a budget on: every call's hold counts its prompt, and
+    streams that end without usage (Anthropic, Gemini) are estimated from their text; all
+    of it runs on the tokenizer pool's threads, none on the thread of the proxy's loop."""
+    seen: list[tuple[str, str]] = []
+
+    def spy(real: Any) -> Any:
+        def counted(*args: Any, **kw: Any) -> Any:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if not caller.startswith("proxy.simulator"):  # the fake provider's own counts
+                seen.append((caller, threading.current_thread().name))
+            return real(*args, **kw)
+        return counted
+
+    monkeypatch.setattr(tokens, "count_text", spy(tokens.count_text))
+    monkeypatch.setattr(tokens, "count_texts", spy(tokens.count_texts))
+    stack = Stack(tmp_path, {"budgets": [{"scope": {"key": "team-a"}, "period": "day",
+                                          "limit_usd": 100}]})
+    no_usage = {
+        "anthropic": ("/anthropic/v1/messages", {"x-api-key": VIRTUAL_KEY},
+                      {"model": "claude-haiku-4-5", "max_tokens": 50, "stream": True,
+                       "messages": [{"role": "user", "content": "Hi"}]},
+                      sse("message_start", {"type": "message_start", "message": {
+                          "id": "msg_n", "model": "claude-haiku-4-5", "content": [],
+                          "usage": {"input_tokens": 9, "output_tokens": 1}}})
+                      + sse("content_block_delta", delta("text_delta", "text", "Hello"))
+                      + sse("content_block_delta", delta("text_delta", "text", " there"))
+                      + sse("message_stop", {"type": "message_stop"})),
+        "gemini": ("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                   {"x-goog-api-key": VIRTUAL_KEY},
+                   {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]},
+                   sse(None, gemini_chunk("Hello", 0, 0, meta=False))
+                   + sse(None, gemini_chunk(" there", 0, 0, meta=False))),
+    }
+    try:
+        client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
+        client.chat.completions.create(model="gpt-4o-mini",
+                                       messages=[{"role": "user", "content": "Hi"}])
+        for path, headers, body, raw in no_usage.values():
+            stack.sim.then(Scenario(raw_stream=raw))
+            reply = http("POST", f"{stack.url}{path}", orjson.dumps(body),
+                         {"Content-Type": "application/json", **headers})
+            assert reply.status_code == 200 and reply.content == raw
+        rows = stack.rows(3)
+    finally:
+        stack.close()
+    # The streams' output is their text as o200k_base counts it ("Hello there": 2 tokens);
+    # Anthropic's input is message_start's 9.
+    assert [(r["provider"], r["usage_source"], r["output_tokens"]) for r in rows] == [
+        ("openai", "provider", rows[0]["output_tokens"]),
+        ("anthropic", "estimated", 2), ("gemini", "estimated", 2)]
+    assert rows[1]["input_tokens"] == 9
+    callers = {caller for caller, _ in seen}
+    assert {"proxy.budgets", "proxy.dialects.base"} <= callers, seen
+    assert all(name.startswith("tokens-") for _, name in seen), seen
