@@ -31,7 +31,7 @@ from proxy.errors import Kind, MeterError
 from proxy.pricing import PriceBook, cost
 from proxy.ratelimits import RateLimit, RateLimited
 from proxy.storage import LedgerUnavailable
-from proxy.storage.ledger import ZERO, Balance, Hold, Ledger
+from proxy.storage.ledger import ZERO, Balance, Hold, Ledger, Reserved
 from proxy.storage.readers import LogReader
 from proxy.usage import Usage
 from proxy.webhook import post_event
@@ -271,7 +271,8 @@ class Budgets:
         # Each budget's current period and each scope's ledger key, kept between calls.
         self._periods: list[tuple[datetime, datetime | None] | None] = [None] * len(budgets)
         self._keys: dict[tuple[int, str], tuple[datetime, str]] = {}
-        # The embedded ledger settles in place: no task per call.
+        # The embedded ledger reserves and settles in place: no task per call.
+        self._reserve_now = getattr(ledger, "reserve_now", None)
         self._settle_now = getattr(ledger, "settle_now", None)
 
     def applicable(self, attrs: dict[str, str | None], now: datetime
@@ -343,15 +344,8 @@ class Budgets:
                       idle_s=b.idle_s)
                  for b, _, key, end in applicable]
         windows = [limit.window(scope, count, usd) for limit, scope in limits]
-        # Shielded: a client that goes away mid-reserve must not leave a hold behind, so
-        # a reserve that completes after the cancel is released at once.
-        pending = asyncio.ensure_future(self.ledger.reserve(x.id, holds, self.ttl_s,
-                                                            windows, self.clock()))
         try:
-            result = await asyncio.shield(pending)
-        except asyncio.CancelledError:
-            pending.add_done_callback(lambda done: self._release_orphan(done, x.id))
-            raise
+            result = await self._reserve(x.id, holds, windows)
         except LedgerUnavailable as exc:
             log.error("ledger_unavailable", request_id=x.id, policy=self.ledger_failure,
                       error=str(exc))
@@ -388,6 +382,21 @@ class Budgets:
                      if h.limit_usd is not None and any(d == "key" for d, _ in b.scope)]
         if remaining:
             x.budget_remaining = max(min(remaining), ZERO)
+
+    async def _reserve(self, call_id: str, holds: list[Hold], windows: list[Any]) -> Reserved:
+        """The ledger's reserve. The embedded ledger's runs in place (it never awaits, so
+        no cancel can land inside it). A shared ledger's is shielded: a client that goes
+        away mid-reserve must not leave a hold behind, so a reserve that completes after
+        the cancel is released at once."""
+        if self._reserve_now is not None:
+            return self._reserve_now(call_id, holds, windows, self.clock())
+        pending = asyncio.ensure_future(self.ledger.reserve(call_id, holds, self.ttl_s,
+                                                            windows, self.clock()))
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(lambda done: self._release_orphan(done, call_id))
+            raise
 
     def _release_orphan(self, done: asyncio.Future, call_id: str) -> None:
         """A reserve whose caller was cancelled: give back whatever it held."""

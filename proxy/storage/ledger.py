@@ -145,6 +145,11 @@ class LocalLedger:
     async def reserve(self, call_id: str, holds: list[Hold], ttl_s: float,
                       windows: Sequence[Window] = (), now: datetime | None = None
                       ) -> Reserved:
+        return self.reserve_now(call_id, holds, windows, now)
+
+    def reserve_now(self, call_id: str, holds: list[Hold], windows: Sequence[Window] = (),
+                    now: datetime | None = None) -> Reserved:
+        """`reserve` without a coroutine: the budgets call it in place, on the loop."""
         t = now.timestamp() if now is not None else time.time()
         if t >= self._sweep_at:
             self._sweep(t)
