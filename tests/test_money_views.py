@@ -213,3 +213,21 @@ def test_focus_csv_neutralises_a_callers_formula(tmp_path: Path) -> None:
     finally:
         stack.close()
         mp.undo()
+
+
+def test_the_call_log_line_carries_the_exact_cost(tmp_path: Path, capsys) -> None:
+    """The per-call JSON log line says "cost_usd": "0.000021" (100 * 0.15e-6 + 10 * 0.60e-6
+    by hand), not the float 2.1e-05 a log pipeline would read back inexactly."""
+    stack = Stack(tmp_path)
+    try:
+        client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
+        stack.sim.then(Scenario(usage={"prompt_tokens": 100, "completion_tokens": 10,
+                                       "total_tokens": 110}))
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        stack.rows(1)
+    finally:
+        stack.close()
+    calls = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+             if line.startswith("{") and '"event":"call"' in line]
+    assert [c["cost_usd"] for c in calls] == ["0.000021"]

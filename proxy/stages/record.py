@@ -14,7 +14,7 @@ from decimal import Decimal
 import orjson
 import structlog
 
-from proxy import tokens
+from proxy import money, tokens
 from proxy.exchange import Exchange
 from proxy.fingerprint import fingerprint
 from proxy.outcome import Outcome, UsageSource
@@ -224,6 +224,7 @@ def _write(rt: Runtime, x: Exchange, duration: float) -> None:
              endpoint=x.call.endpoint, status=x.status, outcome=x.outcome,
              key=x.key_name, customer=x.customer, feature=x.feature,
              input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
-             output_tokens=usage.output_tokens, cost_usd=row.cost_usd,
+             output_tokens=usage.output_tokens,
+             cost_usd=money.exact(x.cost) if x.cost is not None else None,
              usage_source=x.usage_source, duration_ms=duration, ttfb_ms=x.ttfb)
 
