@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from proxy import money
 from proxy.storage import POSTGRES_SCHEMES
 from proxy.timeparse import to_ts
 
@@ -59,8 +60,9 @@ class Anomaly:
                 "state": self.state, "action": self.action,
                 "started_at": to_ts(self.started_at), "last_seen_at": to_ts(self.last_seen_at),
                 "ended_at": to_ts(self.ended_at) if self.ended_at else None,
-                "observed_usd": str(self.observed_usd), "baseline_usd": str(self.baseline_usd),
-                "threshold_usd": str(self.threshold_usd), "method": self.method,
+                "observed_usd": money.exact(self.observed_usd),
+                "baseline_usd": money.exact(self.baseline_usd),
+                "threshold_usd": money.exact(self.threshold_usd), "method": self.method,
                 "cleared_by": self.cleared_by}
 
 
