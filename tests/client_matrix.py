@@ -542,16 +542,17 @@ MATRIX: tuple[Client, ...] = (
            "RetryError", base="/gemini/v1beta"),
 )
 RAW = {c.name: c.run for c in MATRIX}  # the driver functions, for reading their set-up
-_PINNED = {c.name: _catching(c.run) for c in MATRIX}
+# Each client in this process at the installed (pinned) version, whatever LATEST says.
+PINNED = {c.name: _catching(c.run) for c in MATRIX}
 MATRIX = tuple(dataclasses.replace(c, run=_in_latest(c.name) if LATEST and c.language == _PY
-                                   else _PINNED[c.name]) for c in MATRIX)
+                                   else PINNED[c.name]) for c in MATRIX)
 
 
 def _main(name: str, request: str) -> None:
     """One Python client's call, in this interpreter (the newest-clients venv): its answer
     or its failure as one JSON line."""
     try:
-        answer = _PINNED[name](Request(**json.loads(request)))
+        answer = PINNED[name](Request(**json.loads(request)))
     except ClientFailed as exc:
         print(json.dumps({"error": {"name": exc.name, "status": exc.status,
                                     "message": str(exc)}}))
