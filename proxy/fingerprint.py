@@ -7,9 +7,10 @@ breakpoint keeps the hash) and hashed with keyed BLAKE2b under a per-install sec
 short system prompt could be found from a plain hash by trying candidate texts, never from
 a keyed one without the secret. The text itself is never kept.
 
-Bounded on purpose, since it runs on the event loop once per call: at most HASH_BYTES of
-the prefix are hashed (prefixes that agree on their first 128 KiB share a hash; a cache
-would serve at least that much of them) and at most MAX_NODES JSON values are visited.
+Bounded on purpose, since it runs on the event loop once per call: about HASH_CHARS characters of
+the prefix are hashed (prefixes that agree on their first 128 Ki characters share a hash;
+a cache would serve at least that much of them) and at most MAX_NODES JSON values are
+visited (a walk stopped there hashes what it saw and gives no token share).
 
 `prefix_tokens` is not a tokenization: it is the provider's reported prompt tokens times
 the prefix's share of the prompt's characters (text, keys and values), so it costs no
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HASH_BYTES = 128 * 1024
-MAX_NODES = 10_000
+HASH_CHARS = 128 * 1024
+MAX_NODES = 2_000
+MAX_DEPTH = 64
 DIGEST_BYTES = 16  # 32 hex characters
 SECRET_BYTES = 32
 _SKIPPED_KEYS = frozenset({"cache_control"})
@@ -50,55 +52,54 @@ class Prefix:
 
 
 class _Walk:
-    """One bounded, canonical pass over JSON values: feeds a hash, counts characters."""
+    """One bounded, canonical pass over JSON values: the canonical text (type tags and
+    lengths, so no two values share one) in pieces, and the characters counted."""
 
-    __slots__ = ("budget", "chars", "hasher", "nodes")
+    __slots__ = ("budget", "chars", "nodes", "pieces")
 
-    def __init__(self, hasher: Any) -> None:
-        self.hasher = hasher
-        self.budget = HASH_BYTES if hasher is not None else 0
+    def __init__(self, budget: int) -> None:
+        self.pieces: list[str] = []
+        self.budget = budget  # characters of text still to keep
         self.chars = 0
         self.nodes = 0
 
-    def feed(self, data: bytes) -> None:
-        if self.budget <= 0:
-            return
-        if len(data) > self.budget:
-            data = data[:self.budget]
-        self.budget -= len(data)
-        self.hasher.update(data)
-
-    def text(self, tag: bytes, value: str) -> None:
-        self.chars += len(value)
+    def text(self, tag: str, value: str) -> None:
+        size = len(value)
+        self.chars += size
         if self.budget > 0:
-            # Never encode more than the budget can take (a 1 MB string costs a slice).
-            head = value[:self.budget] if len(value) > self.budget else value
-            data = head.encode("utf-8", "surrogatepass")
-            self.feed(tag + str(len(data)).encode() + b":" + data)
+            # Never copy more than the budget takes (a 1 MB string costs a slice).
+            kept = value if size <= self.budget else value[:self.budget]
+            self.budget -= len(kept) + 8
+            self.pieces += (tag, str(len(kept)), ":", kept)
 
     def value(self, value: Any, depth: int = 0) -> bool:
-        """Walk `value`; False once MAX_NODES is reached (the walk stops there)."""
+        """Walk `value`; False once MAX_NODES or MAX_DEPTH is reached (the walk stops)."""
         self.nodes += 1
-        if self.nodes > MAX_NODES or depth > 64:
+        if self.nodes > MAX_NODES or depth > MAX_DEPTH:
             return False
         if isinstance(value, str):
-            self.text(b"s", value)
+            self.text("s", value)
         elif isinstance(value, dict):
-            self.feed(b"{")
-            for key in sorted(k for k in value if k not in _SKIPPED_KEYS):
-                self.text(b"k", str(key))
+            if self.nodes + len(value) > MAX_NODES:
+                return False  # never sort a million keys to find the walk is over
+            self.pieces.append("{")
+            for key in sorted(value):
+                if key in _SKIPPED_KEYS:
+                    continue
+                self.text("k", str(key))
                 if not self.value(value[key], depth + 1):
                     return False
-            self.feed(b"}")
+            self.pieces.append("}")
         elif isinstance(value, list):
-            self.feed(b"[")
+            self.pieces.append("[")
             for item in value:
                 if not self.value(item, depth + 1):
                     return False
-            self.feed(b"]")
+            self.pieces.append("]")
         else:
             self.chars += _NUMBER_CHARS
-            self.feed(b"n" + repr(value).encode() + b";")
+            self.budget -= 8
+            self.pieces += ("n", repr(value), ";")
         return True
 
 
@@ -106,14 +107,15 @@ def fingerprint(stable: list[Any], rest: list[Any], secret: bytes) -> Prefix | N
     """The prefix of a split request (None when it has no stable prefix)."""
     if not stable:
         return None
-    hasher = hashlib.blake2b(digest_size=DIGEST_BYTES, key=secret[:64])
-    walk = _Walk(hasher)
+    walk = _Walk(HASH_CHARS)
     complete = all(walk.value(part) for part in stable)
     chars = walk.chars
-    counter = _Walk(None)
+    counter = _Walk(0)
     complete = complete and all(counter.value(part) for part in rest)
     if walk.budget <= 0:
-        hasher.update(b"~")  # a truncated prefix never equals a whole one of that length
+        walk.pieces.append("~")  # a cut prefix never equals a whole one of that length
+    hasher = hashlib.blake2b("".join(walk.pieces).encode("utf-8", "surrogatepass"),
+                             digest_size=DIGEST_BYTES, key=secret[:64])
     return Prefix(hasher.hexdigest(), chars, chars + counter.chars, complete)
 
 

@@ -12,7 +12,7 @@ import pytest
 from google import genai
 from google.genai import types
 
-from proxy.fingerprint import HASH_BYTES, fingerprint, load_secret
+from proxy.fingerprint import HASH_CHARS, fingerprint, load_secret
 from proxy.simulator import Scenario
 from tests.conftest import VIRTUAL_KEY, Stack
 
@@ -136,14 +136,14 @@ def test_hash_is_keyed_by_the_install_secret(tmp_path) -> None:
 
 
 def test_huge_prefix_is_bounded() -> None:
-    """Only the first 128 KiB are hashed: prefixes that agree that far share a hash, and a
+    """Only the first 128 Ki characters are hashed: prefixes that agree that far share a hash, and a
     10 MB system prompt costs a slice, not a re-encoding (its share is still counted)."""
-    head = "x" * HASH_BYTES
+    head = "x" * HASH_CHARS
     one = fingerprint([["system", head + "a" * 10_000_000]], ["q"], b"k")
     two = fingerprint([["system", head + "b" * 10]], ["q"], b"k")
     whole = fingerprint([["system", head[:-20]]], ["q"], b"k")
     assert one.hash == two.hash != whole.hash
-    assert one.chars == len("system") + HASH_BYTES + 10_000_000
+    assert one.chars == len("system") + HASH_CHARS + 10_000_000
 
 
 @pytest.mark.parametrize("depth", [5000])
