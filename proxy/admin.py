@@ -243,6 +243,51 @@ async def _report(request: web.Request) -> dict[str, Any]:
         return data
 
 
+async def advise_view(request: web.Request) -> web.Response:
+    """The savings advisor (docs/advise.md): JSON with exact decimal strings, or
+    `?format=text`; `since=` (default 30d), `until=`. Admin only: it reads every tenant."""
+    _authorized(request)
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "text"):
+        raise _bad_request("format takes json or text")
+    from proxy.advise.render import advice_text, to_json
+
+    data = await _advice(request)
+    if fmt == "text":
+        return web.Response(text=advice_text(data) + "\n", content_type="text/plain")
+    return web.Response(body=to_json(data), content_type="application/json")
+
+
+async def _advice(request: web.Request) -> dict[str, Any]:
+    """The advice for the request's window, built off the loop and kept REPORT_TTL_S."""
+    from proxy.advise import advise
+
+    rt = runtime_of(request)
+    now = rt.now()
+    params = request.query
+    try:
+        since = parse_time(params.get("since") or "30d", now)
+        until = parse_time(params["until"], now) if params.get("until") else None
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
+    settings, prices = rt.settings, rt.prices
+    cache = request.app[APP_REPORTS]
+    key = ("advise", params.get("since") or "30d", params.get("until"), id(settings))
+
+    def run() -> dict[str, Any]:
+        with open_reader(settings.storage.usage_log) as log:
+            return advise(log, settings, prices, since, until, now)
+
+    async with cache.locks.setdefault(key, asyncio.Lock()):
+        hit = cache.entries.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        data = await asyncio.get_running_loop().run_in_executor(None, run)
+        cache.entries = {k: v for k, v in cache.entries.items() if v[0] > time.monotonic()}
+        cache.entries[key] = (time.monotonic() + REPORT_TTL_S, data)
+        return data
+
+
 async def to_dashboard(request: web.Request) -> web.Response:
     raise web.HTTPFound("/_meter/")
 
@@ -277,8 +322,9 @@ async def dashboard_page(request: web.Request) -> web.Response:
         return _html(dashboard.login_page(unset), 401)
     window = request.query.get("since") or "30d"
     data = await _report(request)
+    advice = await _advice(request)
     live = await rt.budgets.status() if rt.budgets is not None else []
-    page = dashboard.render_page(data, live, window, rt.settings.source)
+    page = dashboard.render_page(data, live, window, rt.settings.source, advice)
     return _html(page)
 
 
@@ -470,6 +516,7 @@ ROUTES: tuple[tuple[str, str, Any, tuple[str, ...]], ...] = (
     ("GET", "/_meter/budgets", budgets, ()),
     ("GET", "/_meter/report", report, ("since", "until", "top", "format")),
     ("GET", "/_meter/forecast", forecast_view, ("top",)),
+    ("GET", "/_meter/advise", advise_view, ("since", "until", "format")),
     ("GET", "/_meter/export.csv", export_csv, (*_USAGE_PARAMS, "columns")),
     ("GET", "/_meter/export.focus.csv", export_focus,
      ("since", "until", "granularity", "unpriced")),

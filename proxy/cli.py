@@ -130,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="table")
     p.set_defaults(run=cmd_forecast)
 
+    p = sub.add_parser("advise", parents=[common],
+                       help="ranked savings with dollars and evidence (docs/advise.md)")
+    p.add_argument("--since", default="30d", help="start (default 30d ago)")
+    p.add_argument("--until", help="end, exclusive (default now)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(run=cmd_advise)
+
+    p = sub.add_parser("whatif", parents=[common],
+                       help="the window's calls repriced on another model or tier")
+    p.add_argument("--map", action="append", default=[], metavar="FROM=TO",
+                   help="reprice FROM's calls on TO (repeatable; * for every model)")
+    p.add_argument("--tier", choices=("batch", "flex"),
+                   help="at this service tier (alone: every call)")
+    p.add_argument("--since", default="30d", help="start (default 30d ago)")
+    p.add_argument("--until", help="end, exclusive (default now)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(run=cmd_whatif)
+
     p = sub.add_parser("budgets", parents=[common],
                        help="each budget: limit, spent, reserved, remaining, reset")
     p.add_argument("--format", choices=FORMATS, default="table")
@@ -341,6 +359,39 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     if data["budgets"]:
         print("\nBudgets (current period, projected to its end):")
         print(budget_table(data["budgets"]))
+    return 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from proxy.advise import advise
+    from proxy.advise.render import advice_text, to_json
+
+    settings = load_settings(args.config)
+    now = datetime.now(UTC)
+    prices = _pricing.PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    with _readers.open_reader(settings.storage.usage_log) as log:
+        data = advise(log, settings, prices, parse_time(args.since, now),
+                      parse_time(args.until, now) if args.until else None, now)
+    print(to_json(data).decode() if args.format == "json" else advice_text(data))
+    return 0
+
+
+def cmd_whatif(args: argparse.Namespace) -> int:
+    from proxy.advise import read_calls
+    from proxy.advise.render import to_json, whatif_text
+    from proxy.advise.repricing import parse_mapping, whatif
+
+    if not args.map and not args.tier:
+        raise ValueError("whatif needs --map FROM=TO, --tier, or both")
+    settings = load_settings(args.config)
+    now = datetime.now(UTC)
+    prices = _pricing.PriceBook.load(settings.pricing.dir, settings.pricing.overrides)
+    mapping = parse_mapping(args.map)
+    with _readers.open_reader(settings.storage.usage_log) as log:
+        calls = read_calls(log, settings, prices, parse_time(args.since, now),
+                           parse_time(args.until, now) if args.until else None)
+    data = whatif(calls, prices, mapping, args.tier)
+    print(to_json(data).decode() if args.format == "json" else whatif_text(data))
     return 0
 
 

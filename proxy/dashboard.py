@@ -28,8 +28,8 @@ def e(value: Any) -> str:
 
 
 def render_page(report: dict[str, Any], budgets: list[dict[str, Any]], window: str,
-                settings_source: str = "") -> str:
-    """The whole page for a report and the live budget balances."""
+                settings_source: str = "", advice: dict[str, Any] | None = None) -> str:
+    """The whole page for a report, the live budget balances and the savings advice."""
     t = report["totals"]
     f = report["forecast"]
     body = [
@@ -47,6 +47,7 @@ def render_page(report: dict[str, Any], budgets: list[dict[str, Any]], window: s
         _section("Unpriced models", _unpriced(report["unpriced"])),
         _section("Unit economics", _unit_economics(report["unit_economics"])),
         "</div>",
+        _section("Savings advice", _advice(advice), wide=True) if advice is not None else "",
         f'<footer>meterproxy &middot; config {e(settings_source)} &middot; '
         f'generated {e(report["generated_at"])}</footer>',
     ]
@@ -323,6 +324,25 @@ def _unit_economics(rows: list[dict[str, Any]]) -> str:
     return ('<table><thead><tr><th>customer</th><th class="num">AI cost</th>'
             '<th class="num">price</th><th class="num">margin</th>'
             f'<th class="num">cost/price</th></tr></thead><tbody>{lines}</tbody></table>')
+
+
+ADVICE_SHOWN = 5
+
+
+def _advice(advice: dict[str, Any]) -> str:
+    """The advisor's top recommendations: dollars, kind, what to do."""
+    recs = advice["recommendations"][:ADVICE_SHOWN]
+    if not recs:
+        return '<p class="empty ok">Nothing in this window would have cost less.</p>'
+    lines = "".join(f'<tr><td class="num">{e(usd(r["savings_usd"]))}</td>'
+                    f'<td class="muted">{e(r["kind"])}</td><td>{e(r["action"])}</td></tr>'
+                    for r in recs)
+    more = len(advice["recommendations"]) - len(recs)
+    note = f" and {more} more" if more > 0 else ""
+    return ('<table><thead><tr><th class="num">saves</th><th>kind</th><th>what to do</th>'
+            f'</tr></thead><tbody>{lines}</tbody></table>'
+            f'<p class="muted small">{e(usd(advice["savings_usd"]))} in all{e(note)}: '
+            'meterproxy advise (or /_meter/advise) has the evidence.</p>')
 
 
 PAGE = """<!doctype html>
