@@ -291,3 +291,27 @@ def test_admin_endpoint_and_dashboard(world: dict[str, Any],
         assert b"Cache the repeated prompt prefix of support" in page.content
     finally:
         stack.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_same_advice_from_both_backends(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                        backend: str) -> None:
+    """The injected patterns alone, in a SQLite file and in PostgreSQL: the same four
+    recommendations and the same dollars (PostgreSQL keeps exact NUMERIC costs)."""
+    from contextlib import nullcontext
+
+    from proxy.storage import open_usage_log
+    from tests.scale import pg_database
+
+    context = pg_database() if backend == "postgresql" else nullcontext(
+        f"sqlite:///{tmp_path / 'usage.db'}")
+    with context as url:
+        log = open_usage_log(url, spool_dir=str(tmp_path / "spool"))
+        log.open()
+        log.write(injected(datetime.now(UTC)))
+        log.close()
+        config = tmp_path / "advise.yaml"
+        config.write_text(yaml.safe_dump({"storage": {"usage_log": url}}))
+        data = run(capsys, "advise", "--config", str(config), "--format", "json")
+    assert _ranked(data["recommendations"]) == EXPECTED
+    assert data["window"]["calls"] == 20 + 30 + 12 + 52
