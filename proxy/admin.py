@@ -38,6 +38,7 @@ SESSION_COOKIE = "meterproxy_admin"
 SESSION_DAYS = 7
 EXPORT_BATCH_ROWS = 1000
 REPORT_TTL_S = 30  # a report over a million rows takes seconds; the page may be reloaded
+DASHBOARD_ADVICE_CALLS = 200_000  # above this many calls the page does not build advice
 
 
 @dataclass
@@ -322,7 +323,10 @@ async def dashboard_page(request: web.Request) -> web.Response:
         return _html(dashboard.login_page(unset), 401)
     window = request.query.get("since") or "30d"
     data = await _report(request)
-    advice = await _advice(request)
+    # The advisor reads every call of the window: on a very busy log the page links to
+    # it instead of holding every viewer up (docs/advise.md, "Cost").
+    calls = data["totals"]["calls"] or 0
+    advice = await _advice(request) if calls <= DASHBOARD_ADVICE_CALLS else {"too_many": calls}
     live = await rt.budgets.status() if rt.budgets is not None else []
     page = dashboard.render_page(data, live, window, rt.settings.source, advice)
     return _html(page)

@@ -331,6 +331,10 @@ ADVICE_SHOWN = 5
 
 def _advice(advice: dict[str, Any]) -> str:
     """The advisor's top recommendations: dollars, kind, what to do."""
+    if "too_many" in advice:
+        return (f'<p class="empty">{advice["too_many"]:,} calls in this window: too many to '
+                'advise on while the page loads. Run meterproxy advise, or open '
+                '/_meter/advise.</p>')
     recs = advice["recommendations"][:ADVICE_SHOWN]
     if not recs:
         return '<p class="empty ok">Nothing in this window would have cost less.</p>'

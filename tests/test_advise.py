@@ -315,3 +315,29 @@ def test_same_advice_from_both_backends(tmp_path: Path, capsys: pytest.CaptureFi
         data = run(capsys, "advise", "--config", str(config), "--format", "json")
     assert _ranked(data["recommendations"]) == EXPECTED
     assert data["window"]["calls"] == 20 + 30 + 12 + 52
+
+
+def test_caching_that_loses_money(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """1-hour cache writes two hours apart are never read: each write pays the premium.
+    Hand: 3 x 5,000 x (6.00 - 3.00) / 1M = 0.045 lost (claude-sonnet-4-5 rates above)."""
+    now = datetime.now(UTC)
+    rows = [UsageRow(id=f"faq-{k}", ts=_ts(now - timedelta(hours=2 * k + 1)), key_name="k",
+                     provider="anthropic", endpoint="messages", model="claude-sonnet-4-5",
+                     status=200, input_tokens=200, cache_write_tokens=5000,
+                     cache_write_1h_tokens=5000, output_tokens=100, feature="faq",
+                     cost_usd=float((200 * SONNET["input"] + 5000 * SONNET["write_1h"]
+                                     + 100 * SONNET["output"]) / M), prefix_hash="c" * 32,
+                     prefix_tokens=5000) for k in range(3)]
+    db = tmp_path / "usage.db"
+    log = SqliteUsageLog(f"sqlite:///{db}")
+    log.open()
+    log.write(rows)
+    log.close()
+    config = tmp_path / "advise.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"usage_log": f"sqlite:///{db}"}}))
+    data = run(capsys, "advise", "--config", str(config), "--format", "json")
+    loss = 3 * 5000 * (SONNET["write_1h"] - SONNET["input"]) / M
+    assert [(r["kind"], r["feature"], Decimal(r["savings_usd"]))
+            for r in data["recommendations"]] == [("cache_loss", "faq", loss)]
+    (use,) = data["caching"]
+    assert (Decimal(use["saved_usd"]), Decimal(use["hit_rate"])) == (-loss, 0)

@@ -54,6 +54,12 @@ def _failed(r: dict[str, Any]) -> tuple[str, str]:
             "timeouts")
 
 
+def _cache_loss(r: dict[str, Any]) -> tuple[str, str]:
+    return ("cache_loss", f"Caching on {r['feature']} / {r['model']} costs more in writes "
+            f"than its reads save (hit rate {r['hit_rate'] * 100:.1f}%): use a shorter "
+            "lifetime, or cache only prefixes that repeat")
+
+
 def _bloat(r: dict[str, Any]) -> tuple[str, str]:
     e = r["evidence"]
     return ("prompt_bloat", f"Prompts of {r['feature']} grew from "
@@ -63,7 +69,7 @@ def _bloat(r: dict[str, Any]) -> tuple[str, str]:
 
 ANALYSES: tuple[tuple[Callable[[dict[str, Any]], tuple[str, str]], str], ...] = (
     (_cache, "uncached"), (_model, "models"), (_tier, "tiers"), (_loop, "loops"),
-    (_failed, "failed"), (_bloat, "bloat"))
+    (_failed, "failed"), (_bloat, "bloat"), (_cache_loss, "cache_loss"))
 
 
 def advise(log: LogReader, settings: Settings, prices: PriceBook, since: datetime,
@@ -71,7 +77,14 @@ def advise(log: LogReader, settings: Settings, prices: PriceBook, since: datetim
     """Recommendations ranked by dollars, with the caching, driver and calendar tables."""
     end = until or now
     calls = read_calls(log, settings, prices, since, until)
-    found = {"uncached": uncached_repeats(calls), "models": smaller_models(calls, prices),
+    caching = cache_use(calls)
+    losses = [{"feature": c["feature"], "provider": c["provider"], "model": c["model"],
+               "savings_usd": -c["saved_usd"], "hit_rate": c["hit_rate"],
+               "evidence": {k: c[k] for k in ("calls", "prompt_tokens", "cached_tokens",
+                                              "cache_write_tokens", "hit_rate", "saved_usd")}}
+              for c in caching if c["saved_usd"] < 0]
+    found = {"cache_loss": losses, "uncached": uncached_repeats(calls),
+             "models": smaller_models(calls, prices),
              "tiers": cheaper_tiers(calls), "loops": looping_traces(calls),
              "failed": failed_spend(calls), "bloat": prompt_bloat(calls, since, end)}
     recommendations = []
@@ -89,7 +102,7 @@ def advise(log: LogReader, settings: Settings, prices: PriceBook, since: datetim
                    "calls": len(calls), "cost_usd": sum((c.cost for c in calls), ZERO)},
         "recommendations": recommendations,
         "savings_usd": sum((r["savings_usd"] for r in recommendations), ZERO),
-        "caching": cache_use(calls),
+        "caching": caching,
         "drivers": feature_table(calls),
         "calendar": calendar,
         "forecast": _forecast(log, now, calendar),
