@@ -45,6 +45,7 @@ class LoggedCall:
     price: Price | None
     prefix_hash: str | None
     prefix_tokens: int | None
+    base: Decimal = ZERO  # the engine's price of the call as it was (priced once, on reading)
 
     @property
     def ok(self) -> bool:
@@ -52,7 +53,7 @@ class LoggedCall:
 
     def base_cost(self) -> Decimal:
         """The engine's price of the call as it was (nested models' steps aside)."""
-        return self.priced_as(self.usage)
+        return self.base
 
     def priced_as(self, usage: Usage, price: Price | None = None) -> Decimal:
         """What `usage` would have cost at this call's time (at `price`, else its own)."""
@@ -80,6 +81,7 @@ def read_calls(log: LogReader, settings: Settings, prices: PriceBook, since: dat
         ts = datetime.fromisoformat(row["ts"].replace("Z", "+00:00")).astimezone(UTC)
         price = prices.lookup(table, (row["response_model"], row["model"]), ts)
         logged = row["cost_usd"]
+        base = cost(usage, price, ts).total if price is not None else ZERO
         calls.append(LoggedCall(
             id=row["id"], ts=ts, provider=row["provider"] or "", table=table,
             model=price.model.name if price is not None else (row["model"] or ""),
@@ -87,7 +89,8 @@ def read_calls(log: LogReader, settings: Settings, prices: PriceBook, since: dat
             trace_id=row["trace_id"], stream=bool(row["stream"]),
             duration_ms=row["duration_ms"], outcome=row["outcome"] or "", usage=usage,
             cost=Decimal(str(logged)) if logged is not None else ZERO, price=price,
-            prefix_hash=row.get("prefix_hash"), prefix_tokens=row.get("prefix_tokens")))
+            prefix_hash=row.get("prefix_hash"), prefix_tokens=row.get("prefix_tokens"),
+            base=base))
     return calls
 
 
