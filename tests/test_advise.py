@@ -200,8 +200,9 @@ def test_advise_ranks_the_injected_patterns(world: dict[str, Any],
     loop = data["recommendations"][3]
     assert loop["trace_id"] == "agent-loop" and loop["evidence"]["same_prefix_calls"] == 40
     assert Decimal(data["savings_usd"]) == CACHE_5M + BATCH + SMALLER + LOOP
+    assert data["anomalies"] == []  # the guardrail's table: nothing open in this log
     text = run(capsys, "advise", "--config", world["config"])
-    assert "1. saves $0.25  [prompt_cache]" in text
+    assert "1. saves $0.252750  [prompt_cache]" in text
     assert "4. saves $0.007770  [looping_trace]" in text
 
 

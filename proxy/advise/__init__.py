@@ -106,7 +106,20 @@ def advise(log: LogReader, settings: Settings, prices: PriceBook, since: datetim
         "drivers": feature_table(calls),
         "calendar": calendar,
         "forecast": _forecast(log, now, calendar),
+        "anomalies": _anomalies(settings.storage.usage_log),
     }
+
+
+def _anomalies(usage_log: str) -> list[dict[str, Any]]:
+    """Spend anomalies still open (proxy.anomaly keeps them in the usage log's database);
+    none when that table is not there yet: the advice never fails for want of it."""
+    from proxy.storage.anomalies import open_anomalies
+
+    try:
+        with open_anomalies(usage_log) as store:
+            return [a.to_json() for a in store.active()]
+    except Exception:  # an older log, or a database the advice may not write to
+        return []
 
 
 def _forecast(log: LogReader, now: datetime, calendar: list[dict[str, Any]]

@@ -5,21 +5,14 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
+from proxy import money
+from proxy.money import usd
 from proxy.output import render
-from proxy.report import usd
-
-
-def _exact(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return format(value.normalize(), "f") if value else "0"
-    raise TypeError
 
 
 def to_json(data: Any) -> bytes:
-    """JSON with every Decimal as an exact decimal string (money never goes through a float)."""
-    return orjson.dumps(data, default=_exact, option=orjson.OPT_INDENT_2)
+    """JSON with every Decimal as an exact decimal string (proxy.money: never a float)."""
+    return money.dumps(data, indent=True)
 
 
 def _evidence(evidence: dict[str, Any]) -> str:
@@ -49,6 +42,12 @@ def advice_text(data: dict[str, Any]) -> str:
             lines.append(f"{r['rank']:>3}. saves {usd(r['savings_usd'])}  [{r['kind']}]  "
                          f"{r['action']}")
             lines.append(f"     evidence: {_evidence(r['evidence'])}")
+    if data["anomalies"]:
+        lines += ["", f"{len(data['anomalies'])} open spend anomal"
+                  f"{'y' if len(data['anomalies']) == 1 else 'ies'} (meterproxy anomalies):"]
+        lines += [f"  {a['id']}  {a['scope']}={a['value']}  {a['state']}, observed "
+                  f"{usd(Decimal(a['observed_usd']))} against a baseline of "
+                  f"{usd(Decimal(a['baseline_usd']))}" for a in data["anomalies"]]
     if data["caching"]:
         lines += ["", "Prompt caching in use:"]
         lines.append(render([{"feature": c["feature"], "model": c["model"],
