@@ -6,7 +6,7 @@ streams, cache hits and reasoning tokens, a few errors, tags as JSON, and 60 day
 timestamps with a weekly pattern, office hours and a growth trend. The same seed gives
 the same file.
 
-    python -m bench.loggen [--rows 1000000] [--out /tmp/meterproxy-synthetic-usage.db]
+    python -m bench.loggen [--rows 5000000] [--out /tmp/meterproxy-synthetic-usage.db]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from proxy.storage import rollups
 from proxy.storage.row import COLUMNS
 from proxy.storage.sqlite import migrate
 
@@ -235,6 +236,12 @@ def generate(path: Path, rows: int, seed: int = 7, end: datetime | None = None) 
             print(", indexing", file=sys.stderr)
         for _, sql in indexes:
             conn.execute(sql)
+        if sys.stderr.isatty():
+            print("rolling up", file=sys.stderr)
+        with conn:  # the hourly rollups the writer keeps, built as the migration backfills
+            for rollup in rollups.ROLLUPS:
+                conn.execute(f"DELETE FROM {rollup.table}")
+                conn.execute(rollup.fold("sqlite", "usage"))
         conn.execute("ANALYZE")
     finally:
         conn.close()
@@ -244,7 +251,7 @@ def generate(path: Path, rows: int, seed: int = 7, end: datetime | None = None) 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loggen",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="how many (1,000,000)")
+    parser.add_argument("--rows", type=int, default=5_000_000, help="how many (5,000,000)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"({DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--force", action="store_true", help="replace an existing file")

@@ -554,22 +554,27 @@ def spend_from_log(reader: LogReader, budgets: list[Budget], now: datetime
                    ) -> dict[tuple[str, str], tuple[Decimal, int]]:
     """Each current budget period's spend, summed exactly from the usage log.
 
-    Rows are grouped only by the dimensions some budget scopes on, and by hour (so each
-    lands in its own period, whatever the budget's time zone): on a large log that keeps
-    the start-up rebuild to one indexed range scan and a small aggregate.
+    Budgets are taken in sets that scope on the same dimensions; each set's rows are
+    grouped by just those dimensions and by hour (so each lands in its own period,
+    whatever the budget's time zone). A set on dimensions an hourly rollup has (key,
+    feature; customer) reads the rollup, a few rows per hour; others one range scan.
     """
     if not budgets:
         return {}
-    since = min(b.rebuild_since(now) for b in budgets)
-    dims = sorted({dim for b in budgets for dim, _ in b.scope})
+    by_dims: dict[tuple[str, ...], list[Budget]] = {}
+    for budget in budgets:
+        by_dims.setdefault(tuple(sorted({dim for dim, _ in budget.scope})), []).append(budget)
     totals: dict[tuple[str, str], tuple[Decimal, int]] = {}
-    periods = [(b, b.rebuild_since(now), *b.bounds(now)) for b in budgets]
-    for spent in reader.spend_by_hour(dims, since):
-        for budget, since_b, start, end in periods:
-            scope = budget.concrete_scope(spent.attrs)
-            if scope is None or spent.hour < since_b or (end is not None and spent.hour >= end):
-                continue
-            k = (budget.key(scope, start), scope)
-            usd, count = totals.get(k, (ZERO, 0))
-            totals[k] = (usd + spent.usd, count + spent.tokens)
+    for dims, group in by_dims.items():
+        periods = [(b, b.rebuild_since(now), *b.bounds(now)) for b in group]
+        since = min(since_b for _, since_b, _, _ in periods)
+        for spent in reader.spend_by_hour(list(dims), since):
+            for budget, since_b, start, end in periods:
+                scope = budget.concrete_scope(spent.attrs)
+                if scope is None or spent.hour < since_b or (
+                        end is not None and spent.hour >= end):
+                    continue
+                k = (budget.key(scope, start), scope)
+                usd, count = totals.get(k, (ZERO, 0))
+                totals[k] = (usd + spent.usd, count + spent.tokens)
     return totals

@@ -20,6 +20,7 @@ import pytest
 import sqlite_utils
 
 from proxy.storage import postgres as pg_log
+from proxy.storage import rollups
 from proxy.storage import sqlite as sqlite_log
 from proxy.storage.row import COLUMNS, UsageRow
 from proxy.token_classes import CLASSES
@@ -46,6 +47,46 @@ def _old_row(i: int, stop_before: str) -> dict[str, Any]:
     if NAMES.index(stop_before) > NAMES.index("m004_token_classes"):
         row |= {"audio_input_tokens": 200, "web_search_requests": 1}
     return row
+
+
+# The old rows' hourly rollups, by hand: rows i = 0..19 fall on day 1 + i % 9 at 00h, so
+# days 1 and 2 hold three rows and days 3-9 two; each is one call of 1,200 input tokens
+# and $0.0356 (356,000,000 units of 1e-10 USD), customer acme, no key or feature.
+OLD_ROLLUPS = {
+    table: sorted((f"2026-11-0{day}T00", *dims, n, 1200 * n, 356_000_000 * n)
+                  for day, n in ((1, 3), (2, 3), *((d, 2) for d in range(3, 10))))
+    for table, dims in (
+        # key_name, provider, model, feature (NULLs as '' and bits 1 + 8), outcome, priced
+        ("usage_hourly", ("", "openai", "gpt-4o-audio-preview", "", "ok", 1, 1 + 8)),
+        # customer, outcome, priced, nulls
+        ("usage_hourly_customer", ("acme", "ok", 1, 0)))}
+# m006 (daily twins): the same sums by day.
+OLD_ROLLUPS |= {table.replace("hourly", "daily"): [(row[0][:10], *row[1:]) for row in rows]
+                for table, rows in list(OLD_ROLLUPS.items())}
+
+
+def _old_writer_folds(stop_before: str, flavor: str) -> list[str]:
+    """What a proxy with m006 did besides inserting the rows: fold them into the
+    rollups."""
+    if NAMES.index(stop_before) <= NAMES.index("m006_rollups"):
+        return []
+    return rollups.fold_sql(flavor, "usage")
+
+
+def _rollups(conn: Any) -> dict[str, list[tuple]]:
+    out = {}
+    for table, key in (("usage_hourly", "key_name, provider, model, feature"),
+                       ("usage_hourly_customer", "customer"),
+                       ("usage_daily", "key_name, provider, model, feature"),
+                       ("usage_daily_customer", "customer")):
+        cur = conn.cursor()
+        period = "hour" if "hourly" in table else "day"
+        cur.execute(f"SELECT {period}, {key}, outcome, priced, nulls, calls, input_tokens, "
+                    f"cost_units FROM {table}")
+        out[table] = sorted(tuple(int(v) if not isinstance(v, str) else v for v in row)
+                            for row in cur.fetchall())
+        cur.close()
+    return out
 
 
 def _sqlite_schema(path: Path) -> list[tuple[str, str, str]]:
@@ -83,6 +124,8 @@ def test_sqlite_upgrades_from_each_older_schema(tmp_path: Path, stop_before: str
     db = sqlite_utils.Database(old)
     sqlite_log.migrations.apply(db, stop_before=stop_before)
     db["usage"].insert_all([_old_row(i, stop_before) for i in range(20)])
+    for statement in _old_writer_folds(stop_before, "sqlite"):
+        db.execute(statement)
     db.close()
     applied = sqlite_log.migrate(old)
     assert applied == NAMES[NAMES.index(stop_before):]
@@ -98,6 +141,10 @@ def test_sqlite_upgrades_from_each_older_schema(tmp_path: Path, stop_before: str
         assert row["image_input_tokens"] == row["cache_write_12h_tokens"] == 0
         # m005: each old row stands for one call and has no prefix fingerprint.
         assert (row["repeat_count"], row["prefix_hash"], row["prefix_tokens"]) == (1, None, None)
+    # m006: the rollups hold the old rows, summed exactly.
+    with sqlite3.connect(old) as conn:
+        assert _rollups(conn) == OLD_ROLLUPS
+    conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +189,8 @@ def test_postgres_upgrades_from_each_older_schema(pg_url: str, stop_before: str)
             row = _old_row(i, stop_before)
             conn.execute(f"INSERT INTO usage ({', '.join(row)}) "
                          f"VALUES ({', '.join('%s' for _ in row)})", list(row.values()))
+        for statement in _old_writer_folds(stop_before, "postgresql"):
+            conn.execute(statement)
         assert pg_log.migrate(conn) == NAMES[NAMES.index(stop_before):]
         assert _pg_schema(conn) == blank
         rows = conn.execute("SELECT input_tokens, audio_input_tokens, web_search_requests, "

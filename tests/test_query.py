@@ -268,7 +268,8 @@ def test_views_for_datasette(log) -> None:
 
 
 def test_migrations_upgrade_an_m001_log_with_rows(tmp_path: Path) -> None:
-    """A log made by m001 alone upgrades in place: rows kept, views and indexes added."""
+    """A log made by m001 alone upgrades in place: rows kept, views, indexes and rollups
+    added (m006 dropped the covering indexes the rollups replace)."""
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
     migrations.apply(db, stop_before="m002_views")
@@ -285,15 +286,17 @@ def test_migrations_upgrade_an_m001_log_with_rows(tmp_path: Path) -> None:
     assert db["usage"].count == 50
     assert {"daily_spend", "spend_by_customer", "spend_by_feature"} <= set(db.view_names())
     indexes = {i.name for i in db["usage"].indexes}
-    assert {"idx_usage_customer_cover", "idx_usage_feature_cover", "idx_usage_day",
-            "idx_usage_outcome_ts", "idx_usage_unpriced_ts"} <= indexes
-    assert "idx_usage_customer_ts" not in indexes
+    assert {"idx_usage_ts_ts", "idx_usage_outcome_ts", "idx_usage_unpriced_ts",
+            "idx_usage_trace_id"} <= indexes
+    assert not {"idx_usage_customer_ts", "idx_usage_customer_cover", "idx_usage_day",
+                "idx_usage_feature_cover", "idx_usage_model_cover"} & indexes
+    assert db.execute("SELECT sum(calls) FROM usage_hourly").fetchone() == (50,)
+    assert db.execute("SELECT sum(calls) FROM usage_hourly_customer").fetchone() == (50,)
 
 
 def test_queries_use_the_indexes(log) -> None:
-    """The planner reads the customer and feature indexes in group order, and the partial
-    index for unpriced calls. (Since m005 the calls are sum(repeat_count), a column those
-    indexes do not cover, so each row is also read from the table.)"""
+    """Spend by customer or feature reads the hourly rollups, and unpriced calls by tag
+    read the partial index, instead of the table."""
     conn, _ = log
 
     def plan(q: UsageQuery) -> str:
@@ -312,7 +315,9 @@ def test_queries_use_the_indexes(log) -> None:
             sql.fetch_dicts = real
         return captured[0]
 
-    assert "INDEX idx_usage_customer_cover" in plan(UsageQuery(group_by=["customer"]))
-    assert "INDEX idx_usage_feature_cover" in plan(
-        UsageQuery(group_by=["feature"], since=START + timedelta(days=20)))
-    assert "idx_usage_unpriced_ts" in plan(UsageQuery(where={"priced": "0"}))
+    by_customer = plan(UsageQuery(group_by=["customer"]))
+    assert "usage_daily_customer" in by_customer and "SCAN usage " not in by_customer
+    by_feature = plan(UsageQuery(group_by=["feature"], since=START + timedelta(days=20)))
+    assert "usage_daily" in by_feature and "SCAN usage " not in by_feature
+    assert "idx_usage_unpriced_ts" in plan(UsageQuery(where={"priced": "0"},
+                                                      group_by=["tag:team"]))

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import sqlite_utils
 
-from proxy.storage import LogUnavailable, open_usage_log
+from proxy.storage import LogUnavailable, open_usage_log, rollups
 from proxy.storage import sqlite as sqlite_log
 from proxy.storage.postgres import PostgresUsageLog, migrate, migrations
 from proxy.storage.row import COLUMNS, UsageRow
@@ -27,12 +27,13 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture
 def table(pg_url: str) -> str:
-    """The module's database with the schema in place and an empty usage table."""
+    """The module's database with the schema in place and an empty usage table (and
+    empty rollups: they sum the table)."""
     log = PostgresUsageLog(pg_url)
     log.open()
     log.close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE usage")
+        conn.execute(f"TRUNCATE usage, {', '.join(r.table for r in rollups.ROLLUPS)}")
     return pg_url
 
 

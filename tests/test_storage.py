@@ -14,15 +14,19 @@ from proxy.storage.writer import UsageWriter
 
 
 def test_migrations_from_blank_and_idempotent(tmp_path: Path) -> None:
-    """A blank file gets the contract's columns and indexes; a second run changes nothing."""
+    """A blank file gets the contract's columns, the per-call indexes and the hourly
+    rollups (which whole-log questions read instead of covering indexes); a second run
+    changes nothing."""
     path = tmp_path / "log.db"
     assert migrate(path)[0] == "m001_usage"
     assert migrate(path) == []
     db = sqlite_utils.Database(path)
     assert tuple(db["usage"].columns_dict) == COLUMNS
     indexed = {tuple(i.columns) for i in db["usage"].indexes}
-    for column in ("ts", "key_name", "customer", "feature", "model"):
+    for column in ("ts", "outcome", "trace_id"):
         assert any(cols[0] == column for cols in indexed), column
+    assert {"usage_hourly", "usage_hourly_customer", "usage_daily",
+            "usage_daily_customer"} <= set(db.table_names())
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 

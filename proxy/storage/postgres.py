@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from proxy.storage import LogUnavailable
+from proxy.storage import LogUnavailable, rollups
 from proxy.storage.row import COLUMNS, UsageRow
 from proxy.storage.shipped import (
     M002_VIEWS,
@@ -28,8 +28,16 @@ from proxy.storage.shipped import (
     M004_COLUMNS,
     M004_COVERED,
     M005_COLUMNS,
+    M006_COST_UNITS,
+    M006_DAILY,
+    M006_DROP_INDEXES,
+    M006_ROLLUPS,
     M007_ANOMALIES,
     M007_INDEXES,
+    m006_backfill_daily,
+    m006_create,
+    m006_create_daily,
+    m006_fold,
 )
 
 log = structlog.get_logger("meterproxy.usage_log")
@@ -141,6 +149,21 @@ def m005_call_shape(conn: psycopg.Connection) -> None:
 
 
 @migration
+def m006_rollups(conn: psycopg.Connection) -> None:
+    # SQLite's twin: hourly rollups backfilled from the logged rows; the covering indexes
+    # they replace are dropped.
+    for table, dims in M006_ROLLUPS:
+        conn.execute(m006_create(table, dims, "BIGINT"))
+        conn.execute(m006_fold(table, dims, M006_COST_UNITS["postgresql"], "usage", "true"))
+    hourly_dims = dict(M006_ROLLUPS)
+    for table, hourly in M006_DAILY:  # daily twins, summed from the hourly rollups
+        conn.execute(m006_create_daily(table, hourly_dims[hourly], "BIGINT"))
+        conn.execute(m006_backfill_daily(table, hourly, hourly_dims[hourly]))
+    for name in M006_DROP_INDEXES:
+        conn.execute(f"DROP INDEX {name}")
+
+
+@migration
 def m007_anomalies(conn: psycopg.Connection) -> None:
     # SQLite's twin, with exact NUMERIC amounts.
     conn.execute(M007_ANOMALIES.format(money="NUMERIC(30, 10)"))
@@ -200,6 +223,12 @@ def migrate(conn: psycopg.Connection) -> list[str]:
 
 _COLUMNS = ", ".join(COLUMNS)
 _COST = COLUMNS.index("cost_usd")
+# The rows of the batch that were not logged yet (a replay's are) go into `usage` and,
+# through `usage_new`, into every rollup, in the batch's transaction.
+_MOVE = (f"WITH new AS (INSERT INTO usage ({_COLUMNS}) SELECT {_COLUMNS} FROM usage_incoming "
+         f"ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}) "
+         f"INSERT INTO usage_new ({_COLUMNS}) SELECT {_COLUMNS} FROM new")
+_FOLD = rollups.fold_sql("postgresql", "usage_new")
 
 
 def _money(value: float | None) -> Decimal | None:
@@ -213,7 +242,8 @@ class PostgresUsageLog:
 
     A batch is COPYed into a temporary table, then moved into `usage` with
     `ON CONFLICT (id) DO NOTHING`: one round of COPY for speed, and a batch written twice
-    (a replay after a lost acknowledgement) still leaves one row per call.
+    (a replay after a lost acknowledgement) still leaves one row per call. The rows that
+    went in are folded into the hourly rollups in the same transaction.
     """
 
     def __init__(self, url: str) -> None:
@@ -228,8 +258,9 @@ class PostgresUsageLog:
             conn = connect(self.url)
             try:
                 applied = migrate(conn)
-                conn.execute("CREATE TEMP TABLE usage_incoming (LIKE usage INCLUDING DEFAULTS) "
-                             "ON COMMIT DELETE ROWS")
+                for table in ("usage_incoming", "usage_new"):
+                    conn.execute(f"CREATE TEMP TABLE {table} (LIKE usage INCLUDING DEFAULTS) "
+                                 "ON COMMIT DELETE ROWS")
             except psycopg.OperationalError as exc:
                 conn.close()
                 raise LogUnavailable(f"postgresql unreachable: {_first_line(exc)}") from exc
@@ -248,8 +279,9 @@ class PostgresUsageLog:
                         values: list[Any] = list(row.values())
                         values[_COST] = _money(values[_COST])
                         copy.write_row(values)
-                cur.execute(f"INSERT INTO usage ({_COLUMNS}) SELECT {_COLUMNS} "
-                            f"FROM usage_incoming ON CONFLICT (id) DO NOTHING")
+                cur.execute(_MOVE)
+                for statement in _FOLD:
+                    cur.execute(statement)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop()
             raise LogUnavailable(f"postgresql unreachable: {_first_line(exc)}") from exc

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from proxy.query import UNITS, UsageQuery
-from proxy.storage import POSTGRES_SCHEMES
+from proxy.storage import POSTGRES_SCHEMES, rollups
 from proxy.storage import sql as q_sql
 from proxy.storage.row import COLUMNS
 from proxy.storage.sql import SQLITE, SqlFlavor
@@ -114,8 +114,9 @@ class LogReader:
 
     def spend_by_hour(self, dims: Sequence[str], since: datetime) -> list[HourSpend]:
         """Exact spend and tokens since `since`, per hour and per value of each dimension
-        (`key`, `customer`, `feature`, `trace`, `tag:NAME`): one indexed range scan and a small
-        aggregate, however many budgets read it."""
+        (`key`, `customer`, `feature`, `trace`, `tag:NAME`): a few rows per hour from a
+        rollup where one has the dimensions, else one indexed range scan of the calls;
+        however many budgets read it."""
         return self._spend_by(dims, since, 13, "%Y-%m-%dT%H")
 
     def spend_by_minute(self, dims: Sequence[str], since: datetime) -> list[HourSpend]:
@@ -125,20 +126,27 @@ class LogReader:
 
     def _spend_by(self, dims: Sequence[str], since: datetime, width: int,
                   fmt: str) -> list[HourSpend]:
+        columns = [_COLUMN_OF.get(dim, dim) for dim in dims]
+        rollup = rollups.covering(columns) if width == 13 else None
         exprs, params = [], []
-        for dim in dims:
+        for dim, column in zip(dims, columns, strict=True):
             if dim.startswith("tag:"):
                 expr, extra = self.flavor.tag(dim[4:])
                 exprs.append(expr)
                 params += extra
             else:
-                exprs.append(_COLUMN_OF.get(dim) or q_sql.dimension(dim)[0])
+                exprs.append(rollup.column(column) if rollup is not None
+                             else _COLUMN_OF.get(dim) or q_sql.dimension(dim)[0])
         n = len(dims)
-        sql = (f"SELECT {''.join(e + ', ' for e in exprs)}substr(ts, 1, {width}), "
-               f"sum({self.flavor.cost_units}), "
-               f"sum({' + '.join((*PROMPT_COLUMNS, 'output_tokens'))}) "
-               f"FROM usage WHERE ts >= {self.flavor.param} "
-               f"GROUP BY {', '.join(str(i + 1) for i in range(n + 1))}")
+        tokens = " + ".join((*PROMPT_COLUMNS, "output_tokens"))
+        if rollup is None:
+            sql = (f"SELECT {''.join(e + ', ' for e in exprs)}substr(ts, 1, {width}), "
+                   f"sum({self.flavor.cost_units}), sum({tokens}) "
+                   f"FROM usage WHERE ts >= {self.flavor.param} ")
+        else:  # `since` is a whole hour: the rollup's hours are exact
+            sql = (f"SELECT {''.join(e + ', ' for e in exprs)}hour, sum(cost_units), "
+                   f"sum({tokens}) FROM {rollup.table} WHERE hour >= {self.flavor.param} ")
+        sql += f"GROUP BY {', '.join(str(i + 1) for i in range(n + 1))}"
         cur = self.conn.cursor()
         try:
             cur.execute(sql, [*params, since.strftime(fmt)])
@@ -168,7 +176,8 @@ class LogReader:
         return rows
 
     def set_costs(self, updates: Sequence[CostUpdate]) -> None:
-        """Rewrite the price of these rows, in one transaction (needs `writable`)."""
+        """Rewrite the price of these rows, in one transaction (needs `writable`); the
+        rollups lose the rows' old sums and gain the new ones in the same transaction."""
         p = self.flavor.param
         sql = (f"UPDATE usage SET cost_usd = {p}, cost_breakdown = {p}, "
                f"pricing_version = {p}, priced = {p} WHERE id = {p}")
@@ -176,9 +185,21 @@ class LogReader:
         params = [((u.cost_usd if exact else float(u.cost_usd))
                    if u.cost_usd is not None else None, u.cost_breakdown, u.pricing_version,
                    int(u.cost_usd is not None), u.id) for u in updates]
+        repriced = "id IN (SELECT id FROM reprice_ids)"
         cur = self.conn.cursor()
         try:
+            if self.flavor is SQLITE:
+                cur.execute("BEGIN IMMEDIATE")
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS reprice_ids (id TEXT PRIMARY KEY)")
+            cur.execute("DELETE FROM reprice_ids")
+            cur.executemany(f"INSERT INTO reprice_ids (id) VALUES ({p}) ON CONFLICT DO NOTHING",
+                            [(u.id,) for u in updates])
+            for statement in rollups.fold_sql(self.flavor.name, "usage", repriced, "-"):
+                cur.execute(statement)
             cur.executemany(sql, params)
+            for statement in (*rollups.fold_sql(self.flavor.name, "usage", repriced),
+                              *rollups.PRUNE_SQL, "DELETE FROM reprice_ids"):
+                cur.execute(statement)
             self.conn.commit()
         except BaseException:
             self.conn.rollback()

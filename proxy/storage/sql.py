@@ -20,7 +20,7 @@ literal `%` (the format placeholder style would take it for one).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -41,6 +41,7 @@ from proxy.query import (
     UsageQuery,
     percentile,
 )
+from proxy.storage import rollups
 from proxy.storage.row import COLUMNS
 from proxy.timeparse import to_ts
 from proxy.token_classes import COLUMNS as CLASS_COLUMNS
@@ -59,11 +60,11 @@ class SqlFlavor:
     group_key: Callable[[str], str]  # how to write a column in GROUP BY (index hints)
 
 
-# Columns with a covering index that leads with them (storage.sqlite m003): grouping by
-# them reads that index in order. Any other column's index (key_name, ts) would cost a
+# Grouping raw rows by a column that leads an index (trace_id, outcome) would cost a
 # random table read per row to avoid a sort, three times slower on a large log than a
-# scan and a sort, so unary + hides it from the planner.
-SQLITE_COVERED = frozenset({"customer", "feature", "model"})
+# scan and a sort, so unary + hides the index from the planner. (The covering indexes
+# that once made grouping by customer, feature or model cheap gave way to the rollups in
+# m006, see proxy.storage.rollups.)
 
 SQLITE = SqlFlavor(
     name="sqlite",
@@ -72,7 +73,7 @@ SQLITE = SqlFlavor(
     week="date({day}, '-6 days', 'weekday 1')",
     cost_units="CAST(round(cost_usd * 1e10) AS INTEGER)",
     duration_bucket=f"CAST(round(ln(duration_ms) * {BUCKETS_PER_E}) AS INTEGER)",
-    group_key=lambda column: column if column in SQLITE_COVERED else f"+{column}",
+    group_key=lambda column: f"+{column}",
 )
 
 # PostgreSQL (proxy.storage.postgres): tags are JSONB, cost_usd is an exact NUMERIC.
@@ -158,19 +159,19 @@ def _typed(name: str, value: str) -> Any:
     return value
 
 
-def _aggregates(flavor: SqlFlavor, spend_only: bool) -> str:
-    # A row stands for repeat_count calls (identical refusals folded into one row).
-    spend = (f"coalesce(sum(repeat_count), 0) AS calls, sum({flavor.cost_units}) AS cost_units, "
-             "coalesce(sum(CASE WHEN priced = 0 THEN repeat_count ELSE 0 END), 0) "
-             "AS unpriced_calls")
+def _aggregates(spend_only: bool, n: str, cost_units: str) -> str:
+    """The sums of a usage question; `n` is how many calls a row stands for
+    (`repeat_count`, or a rollup's `calls`) and `cost_units` its exact cost."""
+    spend = (f"coalesce(sum({n}), 0) AS calls, sum({cost_units}) AS cost_units, "
+             f"coalesce(sum(CASE WHEN priced = 0 THEN {n} ELSE 0 END), 0) AS unpriced_calls")
     if spend_only:
         return spend
     sums = ", ".join(f"coalesce(sum({c}), 0) AS {c}" for c in CLASS_COLUMNS)
     errors, refusals = _ERRORS, _REFUSALS
-    return (f"{spend}, {sums}, "
-            f"coalesce(sum(CASE WHEN outcome IN ({errors}) THEN repeat_count ELSE 0 END), 0) "
-            "AS errors, "
-            f"coalesce(sum(CASE WHEN outcome IN ({refusals}) THEN repeat_count ELSE 0 END), 0) "
+    return (f"coalesce(sum({n}), 0) AS calls, {sums}, sum({cost_units}) AS cost_units, "
+            f"coalesce(sum(CASE WHEN priced = 0 THEN {n} ELSE 0 END), 0) AS unpriced_calls, "
+            f"coalesce(sum(CASE WHEN outcome IN ({errors}) THEN {n} ELSE 0 END), 0) AS errors, "
+            f"coalesce(sum(CASE WHEN outcome IN ({refusals}) THEN {n} ELSE 0 END), 0) "
             "AS refusals")
 
 
@@ -182,7 +183,7 @@ _ORDER_SQL = {
                       "1.0 * sum(cached_input_tokens) / "
                       "(sum(cached_input_tokens) + sum(input_tokens)) ELSE 0 END",
     "error_rate": "1.0 * sum(CASE WHEN outcome IN "
-                  f"({_ERRORS}) THEN repeat_count ELSE 0 END) / sum(repeat_count)",
+                  f"({_ERRORS}) THEN {{n}} ELSE 0 END) / sum({{n}})",
 }
 
 
@@ -206,8 +207,10 @@ def usage(conn: Any, q: UsageQuery, flavor: SqlFlavor = SQLITE) -> list[dict[str
     # the day totals are sorted into weeks, not every call.
     coarse = any(g in COARSE_BUCKETS for g in q.group_by)
     inner = list(dict.fromkeys("day" if g in COARSE_BUCKETS else g for g in q.group_by))
-    sql, params = _grouped(q, inner, flavor)
-    order_sql = _ORDER_SQL
+    rollup = rollups.plan(q)
+    sql, params = _grouped(q, inner, flavor, rollup)
+    n = "repeat_count" if rollup is None else "n"
+    order_sql = {**_ORDER_SQL, "error_rate": _ORDER_SQL["error_rate"].format(n=n)}
     if coarse:
         outer = [_coarse(g, flavor) for g in q.group_by]
         summed = ("calls", "cost_units", "unpriced_calls") if q.spend_only else (
@@ -237,9 +240,10 @@ def usage(conn: Any, q: UsageQuery, flavor: SqlFlavor = SQLITE) -> list[dict[str
     return rows
 
 
-def _grouped(q: UsageQuery, group_by: list[str], flavor: SqlFlavor
-             ) -> tuple[str, list[Any]]:
-    """SELECT the group names and the sums over the calls `q` filters, GROUP BY them."""
+def _grouped(q: UsageQuery, group_by: list[str], flavor: SqlFlavor,
+             rollup: rollups.Rollup | None = None) -> tuple[str, list[Any]]:
+    """SELECT the group names and the sums over the calls `q` filters, GROUP BY them:
+    from raw rows, or from `rollup` (its whole hours, raw rows for the edge hours)."""
     selects: list[str] = []
     params: list[Any] = []
     for name in group_by:
@@ -247,9 +251,17 @@ def _grouped(q: UsageQuery, group_by: list[str], flavor: SqlFlavor
         selects.append(f"{flavor.group_key(expr) if name in DIMENSIONS else expr} "
                        f"AS {quote(name)}")
         params += expr_params
-    selects.append(_aggregates(flavor, q.spend_only))
-    terms, where_params = conditions(q, flavor)
-    sql = f"SELECT {', '.join(selects)} FROM usage"
+    if rollup is None:
+        selects.append(_aggregates(q.spend_only, "repeat_count", flavor.cost_units))
+        terms, where_params = conditions(q, flavor)
+        sql = f"SELECT {', '.join(selects)} FROM usage"
+    else:
+        selects.append(_aggregates(q.spend_only, "n", "cu"))
+        subquery, source_params = rollups.source(q, rollup, flavor.param, flavor.cost_units)
+        params += source_params
+        # The source already keeps only the window; the other filters apply as on usage.
+        terms, where_params = conditions(replace(q, since=None, until=None), flavor)
+        sql = f"SELECT {', '.join(selects)} FROM {subquery} AS usage"
     if terms:
         sql += " WHERE " + " AND ".join(terms)
     params += where_params

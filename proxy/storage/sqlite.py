@@ -12,6 +12,7 @@ from pathlib import Path
 import sqlite_utils
 from sqlite_utils import Migrations
 
+from proxy.storage import rollups
 from proxy.storage.row import COLUMNS, UsageRow
 from proxy.storage.shipped import (
     M002_VIEWS,
@@ -22,8 +23,16 @@ from proxy.storage.shipped import (
     M004_COLUMNS,
     M004_COVERED,
     M005_COLUMNS,
+    M006_COST_UNITS,
+    M006_DAILY,
+    M006_DROP_INDEXES,
+    M006_ROLLUPS,
     M007_ANOMALIES,
     M007_INDEXES,
+    m006_backfill_daily,
+    m006_create,
+    m006_create_daily,
+    m006_fold,
 )
 
 migrations = Migrations("meterproxy")
@@ -122,6 +131,22 @@ def m005_call_shape(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
+def m006_rollups(db: sqlite_utils.Database) -> None:
+    # Hourly rollups (see proxy.storage.rollups), backfilled from the rows already logged;
+    # the covering indexes they replace are dropped, so an insert maintains four small
+    # indexes and a few rollup rows instead of five wide indexes.
+    for table, dims in M006_ROLLUPS:
+        db.execute(m006_create(table, dims, "INTEGER") + " WITHOUT ROWID")
+        db.execute(m006_fold(table, dims, M006_COST_UNITS["sqlite"], "usage", "true"))
+    hourly_dims = dict(M006_ROLLUPS)
+    for table, hourly in M006_DAILY:  # daily twins, summed from the hourly rollups
+        db.execute(m006_create_daily(table, hourly_dims[hourly], "INTEGER") + " WITHOUT ROWID")
+        db.execute(m006_backfill_daily(table, hourly, hourly_dims[hourly]))
+    for name in M006_DROP_INDEXES:
+        db.execute(f"DROP INDEX {name}")
+
+
+@migrations()
 def m007_anomalies(db: sqlite_utils.Database) -> None:
     # Amounts as TEXT: SQLite's REAL would round the Decimal an operator reads back.
     db.execute(M007_ANOMALIES.format(money="TEXT"))
@@ -160,8 +185,19 @@ def migrate(path: Path) -> list[str]:
         db.close()
 
 
-_INSERT = (f"INSERT OR IGNORE INTO usage ({', '.join(COLUMNS)}) "
-           f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+# A batch is staged in a temporary table (a replayed row twice in it stays one), rows
+# already logged are dropped from it, the rest move into `usage` and are folded into
+# every rollup: all in one transaction, so the rollups always equal the rows.
+_STAGE_TABLE = (f"CREATE TEMP TABLE IF NOT EXISTS usage_incoming (id TEXT PRIMARY KEY, "
+                f"{', '.join(c for c in COLUMNS if c != 'id')})")
+_STAGE = (f"INSERT OR IGNORE INTO temp.usage_incoming ({', '.join(COLUMNS)}) "
+          f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+_DROP_LOGGED = ("DELETE FROM temp.usage_incoming WHERE EXISTS "
+                "(SELECT 1 FROM main.usage AS u WHERE u.id = usage_incoming.id)")
+_MOVE = (f"INSERT INTO main.usage ({', '.join(COLUMNS)}) "
+         f"SELECT {', '.join(COLUMNS)} FROM temp.usage_incoming")
+_FOLD = rollups.fold_sql("sqlite", "temp.usage_incoming")
+_CLEAR = "DELETE FROM temp.usage_incoming"
 
 
 class SqliteUsageLog:
@@ -174,11 +210,25 @@ class SqliteUsageLog:
     def open(self) -> None:
         migrate(self.path)
         self._conn = connect(self.path)
+        self._conn.execute("PRAGMA temp_store=MEMORY")
+        self._conn.execute(_STAGE_TABLE)
 
     def write(self, rows: list[UsageRow]) -> None:
+        """Insert the rows not logged yet and fold them into the rollups, atomically."""
         assert self._conn is not None, "open() first"
-        with self._conn:
-            self._conn.executemany(_INSERT, [row.values() for row in rows])
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")  # another process's writes cannot interleave
+        try:
+            conn.executemany(_STAGE, [row.values() for row in rows])
+            conn.execute(_DROP_LOGGED)
+            conn.execute(_MOVE)
+            for statement in _FOLD:
+                conn.execute(statement)
+            conn.execute(_CLEAR)
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
 
     def close(self) -> None:
         if self._conn is not None:
