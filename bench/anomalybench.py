@@ -31,6 +31,7 @@ from pathlib import Path
 from proxy.anomaly.baseline import baselines, hour_start
 from proxy.anomaly.guard import AnomalyGuard
 from proxy.config import AnomaliesConfig
+from proxy.storage import rollups
 from proxy.storage.readers import open_reader
 from proxy.storage.sqlite import migrate
 
@@ -130,6 +131,8 @@ def write_log(path: Path, seed: int) -> int:
         conn.executemany("INSERT INTO usage (id, ts, key_name, customer, feature, provider, "
                          "model, outcome, cost_usd) VALUES (?, ?, ?, ?, ?, 'openai', "
                          "'gpt-4o-mini', 'ok', ?)", rows)
+        for statement in rollups.fold_sql("sqlite", "usage"):  # as the writer would
+            conn.execute(statement)
     conn.close()
     return len(rows)
 

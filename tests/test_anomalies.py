@@ -17,6 +17,7 @@ import pytest
 from proxy.cli import main
 from proxy.config import ConfigError, parse_settings
 from proxy.simulator import Scenario
+from proxy.storage import rollups
 from proxy.storage.sqlite import migrate
 from tests.conftest import OTHER_KEY, VIRTUAL_KEY, Stack, Webhook, http
 
@@ -40,6 +41,8 @@ def history(db: Path) -> None:
     conn = sqlite3.connect(db)
     with conn:
         conn.executemany(HISTORY_INSERT.format(p="?"), history_rows())
+        for statement in rollups.fold_sql("sqlite", "usage"):  # as the writer would
+            conn.execute(statement)
     conn.close()
 
 
@@ -279,6 +282,8 @@ def test_instances_sharing_a_postgres_log_announce_once(tmp_path: Path) -> None:
             pg_migrate(conn)
             with conn.cursor() as cur:
                 cur.executemany(HISTORY_INSERT.format(p="%s"), history_rows())
+                for statement in rollups.fold_sql("postgresql", "usage"):
+                    cur.execute(statement)
         stacks = [Stack(tmp_path / name, {
             "server": {"admin_key_env": ADMIN_ENV}, "alerts": {"webhook_url": hook.url},
             "storage": {"usage_log": url, "spool_dir": str(tmp_path / name / "spool")},
