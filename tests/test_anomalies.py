@@ -242,6 +242,8 @@ def test_rotating_the_customer_does_not_dodge_the_key(tmp_path: Path) -> None:
             "VALUES (?, ?, 'team-b', 'openai', 'ok', 0.10)",
             [(f"b{i:05d}", (NOW - timedelta(hours=i, minutes=-30)).strftime(
                 "%Y-%m-%dT%H:%M:%S.000000Z")) for i in range(1, 24 * 28 + 1)])
+        for statement in rollups.fold_sql("sqlite", "usage", "id LIKE 'b%'"):
+            conn.execute(statement)  # as the writer would
     conn.close()
     os.environ[ADMIN_ENV] = ADMIN_KEY
     stack = Stack(tmp_path, {"server": {"admin_key_env": ADMIN_ENV},
