@@ -10,7 +10,7 @@ AnomalyGuard._findings, episodes opened once and (alert mode) resolved after 30 
 minutes. An episode on an incident's scope between its start and an hour after its end
 detects it; any other episode is a false alarm.
 
-    python -m bench.anomalybench [--seed 7] [--step 1] [--out /tmp/anomalybench.db]
+    python -m bench.anomalybench [--seed 7] [--step 1] [--min-usd 1,3] [--fresh] [--verbose]
 """
 
 from __future__ import annotations
@@ -167,7 +167,6 @@ def replay(path: Path, confs: list[AnomaliesConfig], step_min: int
     each configuration (they share the baselines: sensitivity only moves the limit)."""
     url = f"sqlite:///{path}"
     conf = confs[0]
-    min_usd = Decimal(repr(conf.min_usd))
     with open_reader(url) as reader:
         hourly = {kind: defaultdict(dict) for kind in conf.scopes}
         for kind in conf.scopes:
@@ -184,15 +183,17 @@ def replay(path: Path, confs: list[AnomaliesConfig], step_min: int
     quiet = timedelta(minutes=conf.resolve_after_minutes)
     while now < START + timedelta(weeks=WEEKS):
         hour = hour_start(now)
-        if built_for != hour:
-            guard._models = {kind: baselines(hourly[kind], now, conf.weeks,
-                                             conf.min_history_hours, min_usd)
-                             for kind in conf.scopes}
+        if built_for != hour:  # one set of baselines per min_usd (it is their offset)
+            models = {c.min_usd: {kind: baselines(hourly[kind], now, conf.weeks,
+                                                  conf.min_history_hours,
+                                                  Decimal(repr(c.min_usd)))
+                                  for kind in conf.scopes} for c in confs}
             built_for = hour
         window = [row for m in range(61) for row in minutes.get(
             (now - timedelta(minutes=m)).replace(second=0, microsecond=0), [])]
         for i, c in enumerate(confs):
-            found = guard._findings(c, now, window, {}, min_usd)
+            guard._models = models[c.min_usd]
+            found = guard._findings(c, now, window, {}, Decimal(repr(c.min_usd)))
             for scope in found:
                 if scope in active[i]:
                     active[i][scope].last_seen = now
@@ -233,29 +234,39 @@ def score(episodes: list[Episode]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--fresh", action="store_true", help="rewrite the log even if --out exists")
+    parser.add_argument("--verbose", action="store_true", help="list every false alarm")
     parser.add_argument("--step", type=int, default=1, help="minutes between checks")
+    parser.add_argument("--min-usd", default="1,3", help="min_usd values to compare")
     parser.add_argument("--out", type=Path,
                         default=Path(tempfile.gettempdir()) / "meterproxy-anomalybench.db")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    count = write_log(args.out, args.seed)
-    print(f"log: {count:,} rows, {WEEKS} weeks, in {time.perf_counter() - t0:.1f} s")
-    names = ("low", "medium", "high")
+    if not args.out.exists() or args.fresh:
+        count = write_log(args.out, args.seed)
+        print(f"log: {count:,} rows, {WEEKS} weeks, in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+    confs = [AnomaliesConfig(sensitivity=n, min_usd=float(m))
+             for m in args.min_usd.split(",") for n in ("low", "medium", "high")]
     t0 = time.perf_counter()
-    runs = replay(args.out, [AnomaliesConfig(sensitivity=n) for n in names], args.step)
+    runs = replay(args.out, confs, args.step)
     print(f"replay: 2 weeks, a check every {args.step} min, "
           f"in {time.perf_counter() - t0:.1f} s")
-    for name, episodes in zip(names, runs, strict=True):
+    for conf, episodes in zip(confs, runs, strict=True):
         result = score(episodes)
-        print(f"\nsensitivity {name}: {result['episodes']} episodes, {result['true']} true, "
-              f"precision {result['precision']:.2f}, recall {result['recall']:.2f}")
+        print(f"\nsensitivity {conf.sensitivity}, min_usd {conf.min_usd:g}: "
+              f"{result['episodes']} episodes, {result['true']} true, "
+              f"{len(result['false'])} false alarms ({len(result['false']) / 14:.1f}/day), "
+              f"precision {result['precision']:.2f}, recall {result['recall']:.2f}",
+              flush=True)
         for inc in INCIDENTS:
             took = result["detected"].get(inc.name)
             shown = f"{took.total_seconds() / 60:.0f} min" if took is not None else "missed"
             print(f"  {inc.name:<14} {inc.kind}={inc.value:<10} +${inc.usd_per_hour:g}/h  "
                   f"{shown}")
-        for kind, value, start in result["false"]:
-            print(f"  false alarm: {kind}={value} at {start:%a %d %H:%M}")
+        if args.verbose:
+            for kind, value, start in result["false"]:
+                print(f"  false alarm: {kind}={value} at {start:%a %d %H:%M}")
     return 0
 
 

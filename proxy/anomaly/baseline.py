@@ -13,7 +13,8 @@ How far above the baseline an hour may go comes from the scope's own hour-to-hou
 variation, measured as ratios (log(spend + c) - log(baseline + c), c = min_usd) because
 spend varies in proportion to its level: a quiet night hour moves by cents, a busy day
 hour by dollars. The spread is the median absolute deviation of those ratios over all
-past hours (scaled by 1.4826 to a standard deviation), floored at 0.1. An hour is an
+past hours (scaled by 1.4826 to a standard deviation), floored at 0.1, or the same
+measure over that hour of the week's own samples where it is wider. An hour is an
 anomaly when it costs more than (baseline + c) * exp(k * spread) - c, and at least
 min_usd more than the baseline, k being the configured sensitivity.
 """
@@ -50,13 +51,13 @@ class Baseline:
 
     levels: tuple[Decimal, ...]  # 168 usual hourly spends, by slot()
     methods: tuple[str, ...]  # weekly | daily | recent, by slot()
-    spread: float  # robust standard deviation of log ratios
+    spreads: tuple[float, ...]  # robust standard deviation of log ratios, by slot()
     offset: Decimal  # c: spends well below it count as "about nothing"
 
     def limit(self, hour: datetime, k: float, min_usd: Decimal) -> Decimal:
         """The most an hour starting at `hour` may cost before it is an anomaly."""
         level = self.levels[slot(hour)]
-        ratio = Decimal(repr(math.exp(k * self.spread)))
+        ratio = Decimal(repr(math.exp(k * self.spreads[slot(hour)])))
         return max((level + self.offset) * ratio - self.offset,
                    level + min_usd).quantize(CENT)
 
@@ -113,10 +114,23 @@ def baseline(hourly: Mapping[datetime, Decimal], now: datetime, weeks: int,
     c = float(min_usd) or 0.01
     ratios = [math.log((float(usd) + c) / (float(levels[slot(h)]) + c))
               for h, usd in zip(hours, series, strict=True)]
-    mid = median(ratios)
-    spread = max(MAD_TO_SD * median(abs(r - mid) for r in ratios), SPREAD_FLOOR)
-    return Baseline(levels=tuple(levels), methods=tuple(methods), spread=spread,
+    pooled = max(_robust_sd(ratios), SPREAD_FLOOR)
+    # An hour of the week that varies more from week to week than the scope does overall
+    # gets its own, wider band.
+    by_slot_ratios: dict[int, list[float]] = {}
+    for h, r in zip(hours, ratios, strict=True):
+        by_slot_ratios.setdefault(slot(h), []).append(r)
+    spreads = tuple(max(pooled, _robust_sd(by_slot_ratios[s]))
+                    if methods[s] == "weekly" else pooled for s in range(WEEK_HOURS))
+    return Baseline(levels=tuple(levels), methods=tuple(methods), spreads=spreads,
                     offset=Decimal(repr(c)))
+
+
+def _robust_sd(values: list[float]) -> float:
+    """1.4826 times the median absolute deviation: a standard deviation that a few
+    outliers do not move."""
+    mid = median(values)
+    return MAD_TO_SD * median(abs(v - mid) for v in values)
 
 
 def baselines(hourly: Mapping[str, Mapping[datetime, Decimal]], now: datetime, weeks: int,
