@@ -237,7 +237,9 @@ ANOMALY_SCOPES = ("key", "customer", "feature")
 class AnomaliesConfig:
     """Spend anomaly guardrails (docs/anomalies.md); absent from the file: off."""
 
-    sensitivity: Any = "medium"  # low | medium | high, or the threshold in robust SDs
+    # low | medium | high, or the threshold in robust SDs; low by default: the backtest's
+    # best precision at the same recall (docs/anomalies.md)
+    sensitivity: Any = "low"
     action: AnomalyAction = AnomalyAction.ALERT
     scopes: list[str] = field(default_factory=lambda: list(ANOMALY_SCOPES))
     min_usd: float = 1.0  # the smallest excess over the baseline per hour that fires

@@ -388,5 +388,5 @@ def test_config_defaults() -> None:
     """`anomalies: {}` turns the guardrail on with its defaults; no key leaves it off."""
     assert parse_settings({}, "m.yaml").anomalies is None
     conf = parse_settings({"anomalies": {}}, "m.yaml").anomalies
-    assert conf is not None and conf.threshold == 4.0 and conf.action == "alert"
+    assert conf is not None and conf.threshold == 6.0 and conf.action == "alert"
     assert parse_settings({"anomalies": {"sensitivity": 5}}, "m.yaml").anomalies.threshold == 5
