@@ -52,7 +52,7 @@ def rate(path: Path, n: int) -> tuple[float, float]:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         for rollup in ROLLUPS:  # the bench's rows are the only ones in 2031
             if rollup.table in tables:
-                conn.execute(f"DELETE FROM {rollup.table} WHERE hour >= '2031'")
+                conn.execute(f"DELETE FROM {rollup.table} WHERE {rollup.period} >= '2031'")
     conn.close()
     return n / elapsed, n / cpu
 
