@@ -267,6 +267,28 @@ def test_views_for_datasette(log) -> None:
                           for (f,), w in expected(rows, ["feature"]).items()}
 
 
+def test_views_count_the_calls_a_folded_row_stands_for(tmp_path: Path) -> None:
+    """A refusal row folding 5 identical refusals counts as 5 calls in every view (m008);
+    an unpriced one counts 5 unpriced calls."""
+    writer = SqliteUsageLog(f"sqlite:///{tmp_path / 'usage.db'}")
+    writer.open()
+    writer.write([
+        UsageRow(id="a", ts="2026-03-02T10:00:00.000000Z", customer="acme", feature="chat",
+                 input_tokens=10, output_tokens=2, cost_usd=0.25),
+        UsageRow(id="b", ts="2026-03-02T10:00:01.000000Z", customer="acme", feature="chat",
+                 outcome="budget_exceeded", repeat_count=5, priced=0),
+    ])
+    writer.close()
+    with sqlite3.connect(tmp_path / "usage.db") as conn:
+        day = conn.execute("SELECT day, calls, cost_usd, unpriced_calls "
+                           "FROM daily_spend").fetchall()
+        customer = conn.execute("SELECT customer, calls FROM spend_by_customer").fetchall()
+        feature = conn.execute("SELECT feature, calls FROM spend_by_feature").fetchall()
+    conn.close()
+    assert day == [("2026-03-02", 6, 0.25, 5)]
+    assert customer == [("acme", 6)] and feature == [("chat", 6)]
+
+
 def test_migrations_upgrade_an_m001_log_with_rows(tmp_path: Path) -> None:
     """A log made by m001 alone upgrades in place: rows kept, views, indexes and rollups
     added (m006 dropped the covering indexes the rollups replace)."""

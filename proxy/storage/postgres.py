@@ -34,6 +34,8 @@ from proxy.storage.shipped import (
     M006_ROLLUPS,
     M007_ANOMALIES,
     M007_INDEXES,
+    M008_DROP,
+    M008_VIEWS,
     m006_backfill_daily,
     m006_create,
     m006_create_daily,
@@ -170,6 +172,13 @@ def m007_anomalies(conn: psycopg.Connection) -> None:
     for statement in M007_INDEXES:
         conn.execute(statement)
 
+
+
+@migration
+def m008_views_count_calls(conn: psycopg.Connection) -> None:
+    # The Datasette/BI views count a folded refusal row as the calls it stands for.
+    for statement in (*M008_DROP, *M008_VIEWS):
+        conn.execute(statement)
 
 def dsn(url: str) -> str:
     """A libpq URL from a `storage.usage_log` URL (SQLAlchemy's `+psycopg` is dropped)."""

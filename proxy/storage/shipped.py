@@ -193,3 +193,25 @@ M007_INDEXES = (
     "WHERE state IN ('open', 'blocked')",
     "CREATE INDEX idx_anomalies_started ON anomalies (started_at)",
 )
+
+# m008_views_count_calls: the m002 views count calls as sum(repeat_count) (a folded
+# refusal row stands for several calls since m005); otherwise the views are m002's.
+M008_SPEND = ("sum(repeat_count) AS calls,\n"
+              "        sum(input_tokens) AS input_tokens,\n"
+              "        sum(cached_input_tokens) AS cached_input_tokens,\n"
+              "        sum(cache_write_tokens) AS cache_write_tokens,\n"
+              "        sum(output_tokens) AS output_tokens,\n"
+              "        sum(reasoning_tokens) AS reasoning_tokens,\n"
+              "        round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,\n"
+              "        sum(CASE WHEN priced = 0 THEN repeat_count ELSE 0 END) AS unpriced_calls")
+M008_DROP = ("DROP VIEW daily_spend", "DROP VIEW spend_by_customer", "DROP VIEW spend_by_feature")
+M008_VIEWS = (
+    "CREATE VIEW daily_spend AS\n        SELECT substr(ts, 1, 10) AS day, " + M008_SPEND
+    + "\n        FROM usage GROUP BY 1 ORDER BY 1",
+    "CREATE VIEW spend_by_customer AS\n"
+    "            SELECT substr(ts, 1, 7) AS month, customer, " + M008_SPEND
+    + "\n            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC",
+    "CREATE VIEW spend_by_feature AS\n"
+    "            SELECT substr(ts, 1, 7) AS month, feature, " + M008_SPEND
+    + "\n            FROM usage GROUP BY 1, 2 ORDER BY 1 DESC, cost_usd DESC",
+)

@@ -29,6 +29,8 @@ from proxy.storage.shipped import (
     M006_ROLLUPS,
     M007_ANOMALIES,
     M007_INDEXES,
+    M008_DROP,
+    M008_VIEWS,
     m006_backfill_daily,
     m006_create,
     m006_create_daily,
@@ -153,6 +155,13 @@ def m007_anomalies(db: sqlite_utils.Database) -> None:
     for statement in M007_INDEXES:
         db.execute(statement)
 
+
+
+@migrations()
+def m008_views_count_calls(db: sqlite_utils.Database) -> None:
+    # The Datasette/BI views count a folded refusal row as the calls it stands for.
+    for statement in (*M008_DROP, *M008_VIEWS):
+        db.execute(statement)
 
 def sqlite_path(url: str) -> Path:
     """The file of a `sqlite:///relative.db` or `sqlite:////absolute.db` URL."""
