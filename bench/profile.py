@@ -335,6 +335,10 @@ def measure_rss(tmp: Path, upstream: int, args: argparse.Namespace) -> None:
     run = tmp / "rss"
     run.mkdir()
     config = config_for(run, port, upstream)
+    # A soak runs on a log already migrated: the serve then never loads sqlite_utils (the
+    # first start after an upgrade does, once, to run the pending migrations).
+    from proxy.storage.sqlite import migrate
+    migrate(run / "usage.db")
     env = {**os.environ, PROVIDER_KEY_ENV: "sk-profile",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                        os.environ.get("PYTHONPATH")]))}

@@ -209,3 +209,19 @@ def test_rows_round_trip_every_class(tmp_path: Path) -> None:
         stored = conn.execute(f"SELECT {', '.join(counts)} FROM usage").fetchone()
     conn.close()
     assert stored == tuple(counts.values())
+
+
+def test_cheap_names_are_the_registry(tmp_path: Path) -> None:
+    """`MIGRATION_NAMES` (read without sqlite_utils) lists the registry's migrations in
+    order, and the plain-sqlite3 check sees exactly what sqlite_utils sees as pending."""
+    registry = [m.name for m in sqlite_log.migrations.pending(sqlite_utils.Database(memory=True))]
+    assert list(sqlite_log.MIGRATION_NAMES) == registry == NAMES
+    db = sqlite_utils.Database(tmp_path / "log.db")
+    sqlite_log.migrations.apply(db, stop_before="m005_call_shape")
+    expected = [m.name for m in sqlite_log.migrations.pending(db)]
+    db.close()
+    conn = sqlite_log.connect(tmp_path / "log.db")
+    assert sqlite_log.pending_migrations(conn) == expected == NAMES[4:]
+    conn.close()
+    assert sqlite_log.migrate(tmp_path / "log.db") == NAMES[4:]
+    assert sqlite_log.migrate(tmp_path / "log.db") == []
