@@ -29,7 +29,7 @@ from proxy.dialects.base import (
     load_body,
     positive_int,
 )
-from proxy.dialects.sse import SSESplitter, is_junk, parse_event
+from proxy.dialects.sse import SSESplitter, events_of, is_junk, parse_event
 from proxy.errors import Kind, MeterError
 from proxy.usage import Usage, count, sub
 
@@ -57,6 +57,20 @@ _TEXT_KEYS = ("text", "thinking", "content", "source")
 # forge them, and any other spelling (spaces, another key first) is simply parsed.
 _DELTA_EVENTS = (b'event: content_block_delta\ndata: {"type":"content_block_delta",',
                  b'data: {"type":"content_block_delta",')
+_BETWEEN_DELTAS = tuple(b"\n\n" + prefix for prefix in _DELTA_EVENTS)
+
+
+def _only_deltas(blob: bytes) -> bool:
+    """Whether every event of a blob (LF only, no LF LF LF) is one `feed` would defer: it
+    starts as a content delta and ends as JSON does. LF LF occurs only between events, so
+    counting what follows and precedes each one checks every event at C speed."""
+    if not blob.startswith(_DELTA_EVENTS):
+        return False
+    n = blob.count(b"\n\n")
+    return blob.count(b"}\n\n") == n \
+        and sum(blob.count(between) for between in _BETWEEN_DELTAS) == n - 1
+
+
 _PLACED = re.compile(r"/v\d+(?:/|$)")
 
 
@@ -171,7 +185,12 @@ class _StreamMeter:
         self.metered = Metered(text=self._tally)
 
     def feed(self, chunk: bytes) -> bytes:
-        for raw in self._split.feed(chunk):
+        events = self._split.feed_plain(chunk, _only_deltas)
+        if isinstance(events, bytes):  # nothing but content deltas: kept raw, as one blob
+            if events:
+                self._tally.defer(events)
+            return chunk
+        for raw in events:
             if raw.startswith(_DELTA_EVENTS) and raw.endswith(b"}\n\n"):
                 # Carries no usage: read only if its text is ever needed. One that does not
                 # end as JSON does (cut short) is parsed now, so the row notes it.
@@ -188,8 +207,11 @@ class _StreamMeter:
             self._tally.catch_up()  # its text will be counted: read it now, noting errors
         return b"", self.metered
 
-    def _delta_text(self, raw: bytes) -> tuple[Any, ...]:
-        """The text of a deferred content_block_delta event."""
+    def _delta_text(self, blob: bytes) -> list[Any]:
+        """The text of deferred content_block_delta events (one, or a blob of them)."""
+        return [text for raw in events_of(blob) for text in self._one_delta(raw)]
+
+    def _one_delta(self, raw: bytes) -> tuple[Any, ...]:
         try:
             obj = orjson.loads(parse_event(raw).data)
         except orjson.JSONDecodeError:

@@ -31,7 +31,7 @@ from proxy.dialects.base import (
     positive_int,
     version_free,
 )
-from proxy.dialects.sse import SSESplitter, parse_event
+from proxy.dialects.sse import SSESplitter, events_of, parse_event
 from proxy.errors import Kind, MeterError
 from proxy.usage import Usage, count, sub
 
@@ -233,6 +233,11 @@ class OpenAIDialect:
         )
 
 
+def _no_usage(blob: bytes) -> bool:
+    """Whether no event of a blob can carry usage or an error (the rest are deferred)."""
+    return b'"error"' not in blob and _USAGE_OBJECT.search(blob) is None
+
+
 class _StreamMeter:
     """Reads chat/completions chunks or responses events, hiding the usage chunk on request."""
 
@@ -248,7 +253,14 @@ class _StreamMeter:
         self.metered = Metered(text=self._tally)
 
     def feed(self, chunk: bytes) -> bytes:
-        events = self._split.feed(chunk)
+        if self._hide or self._responses or self.metered.response_model is None:
+            events: bytes | list[bytes] = self._split.feed(chunk)
+        else:
+            events = self._split.feed_plain(chunk, _no_usage)
+            if isinstance(events, bytes):  # no usage, no error: kept raw, as one blob
+                if events:
+                    self._tally.defer(events)
+                return chunk
         if not self._hide:
             for raw in events:
                 self._read(raw)
@@ -264,8 +276,17 @@ class _StreamMeter:
             self._tally.catch_up()  # its text will be counted: read it now, noting errors
         return owed, self.metered
 
-    def _content_text(self, data: bytes) -> list[Any]:
-        """The text of a deferred content event (TextTally's reader)."""
+    def _content_text(self, blob: bytes) -> list[Any]:
+        """The text of deferred content events (TextTally's reader): one raw event, or a
+        blob of whole raw events from `feed`'s fast path."""
+        texts: list[Any] = []
+        for raw in events_of(blob):
+            data = parse_event(raw).data
+            if data and data != b"[DONE]":
+                texts += self._one_content(data)
+        return texts
+
+    def _one_content(self, data: bytes) -> list[Any]:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -284,11 +305,11 @@ class _StreamMeter:
             return False
         if self._responses:
             if _RESPONSES_DELTA.search(data):
-                self._tally.defer(data)
+                self._tally.defer(raw)
                 return False
         elif self.metered.response_model is not None and b'"error"' not in data \
                 and _USAGE_OBJECT.search(data) is None:
-            self._tally.defer(data)
+            self._tally.defer(raw)
             return False
         try:
             obj = orjson.loads(data)

@@ -8,6 +8,7 @@ only the unfinished tail. Events end at a blank line: LF LF, CR LF CR LF or CR C
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -50,9 +51,41 @@ class SSESplitter:
         self._pending = rest
         return events
 
+    def feed_plain(self, chunk: bytes, plain: Callable[[bytes], bool]) -> bytes | list[bytes]:
+        """Like `feed`, but when the whole events so far are LF-only and `plain` says none
+        needs reading now, they come back as ONE bytes blob (split it with `events_of`):
+        a meter then does per-chunk work, not per-event. Otherwise the list `feed` gives."""
+        buf = self._pending + chunk if self._pending else chunk
+        # Without CR and without a run of three LFs, the last LF LF is where `feed`'s
+        # left-to-right cutting would end too, so the blob holds exactly its events.
+        if b"\r" not in buf and b"\n\n\n" not in buf:
+            end = buf.rfind(b"\n\n") + 2
+            if end == 1:  # no whole event yet
+                self._pending = buf if len(buf) <= MAX_PENDING else buf[-MAX_PENDING:]
+                return b""
+            blob = buf[:end]
+            if plain(blob):
+                rest = buf[end:]
+                self._pending = rest if len(rest) <= MAX_PENDING else rest[-MAX_PENDING:]
+                return blob
+        self._pending = b""
+        return self.feed(buf)
+
     def tail(self) -> bytes:
         """What arrived after the last whole event (an unterminated final event)."""
         return self._pending
+
+
+def events_of(blob: bytes) -> list[bytes]:
+    """The raw events of a blob `feed_plain` returned (LF LF ends each), cut as `feed` cuts."""
+    events: list[bytes] = []
+    start = 0
+    while (end := blob.find(b"\n\n", start)) >= 0:
+        events.append(blob[start:end + 2])
+        start = end + 2
+    if start < len(blob):
+        events.append(blob[start:])
+    return events
 
 
 def parse_event(raw: bytes) -> Event:
