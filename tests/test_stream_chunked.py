@@ -179,3 +179,30 @@ def test_long_blob_stream_stays_bounded_by_bytes() -> None:
     _, metered = meter.finish()
     assert most <= 256 * 1024 + 16384 + len(word)
     assert metered.text.count() == tokens.count_text("word " * (3_000_000 // len(word)), "gpt-4o")
+
+
+def per_event(data: bytes) -> list[bytes]:
+    """One chunk per event, as providers write them (and as loopback delivers them)."""
+    return [event + b"\n\n" for event in data.split(b"\n\n")[:-1]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.lists(st.integers(min_value=1, max_value=4), min_size=12, max_size=12))
+def test_usage_is_exact_when_chunks_hold_whole_events(groups: list[int]) -> None:
+    """Chunks that end exactly at event boundaries (one event each, or a few) take the
+    shortest path; the usage event among them is still read."""
+    for dialect, call, data, usage in (
+            (OPENAI, CHAT, CHAT_WITH_USAGE, Usage(input_tokens=20, output_tokens=7)),
+            (ANTHROPIC, MESSAGES, ANTHROPIC_WITH_USAGE, Usage(input_tokens=11, output_tokens=9))):
+        events = per_event(data)
+        pieces, at = [], 0
+        for size in groups:
+            pieces.append(b"".join(events[at:at + size]))
+            at += size
+        pieces.append(b"".join(events[at:]))
+        out, metered = run(dialect, call, [p for p in pieces if p])
+        assert out == data
+        assert metered.usage == usage and metered.error is None
+        assert metered.text.text() == "".join(TEXT)
+        _, one_each = run(dialect, call, events)
+        assert one_each.usage == usage

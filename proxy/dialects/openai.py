@@ -241,19 +241,28 @@ def _no_usage(blob: bytes) -> bool:
 class _StreamMeter:
     """Reads chat/completions chunks or responses events, hiding the usage chunk on request."""
 
-    __slots__ = ("_hide", "_responses", "_split", "_tally", "metered")
+    __slots__ = ("_fast", "_hide", "_responses", "_split", "_tally", "metered")
 
     def __init__(self, call: Call) -> None:
         self._split = SSESplitter()
         self._hide = call.hide_usage_chunk
         self._responses = call.endpoint == "responses"
+        self._fast = not self._hide and not self._responses  # chat chunks may go as blobs
         # Content events are read only if usage never comes (their text is then estimated):
         # most streams end with usage, so most events are never parsed at all.
         self._tally = TextTally(call.model, reader=self._content_text)
         self.metered = Metered(text=self._tally)
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._hide or self._responses or self.metered.response_model is None:
+        if self._fast and not self._split.pending and chunk[-2:] == b"\n\n" \
+                and b"\r" not in chunk and b"\n\n\n" not in chunk and b'"error"' not in chunk \
+                and (b'"usage"' not in chunk or _USAGE_OBJECT.search(chunk) is None) \
+                and self.metered.response_model is not None:
+            # The common case in as few calls as can be: whole events (often one), none
+            # with usage or an error; what `feed_plain` would do, without its calls.
+            self._tally.defer(chunk)
+            return chunk
+        if not self._fast or self.metered.response_model is None:
             events: bytes | list[bytes] = self._split.feed(chunk)
         else:
             events = self._split.feed_plain(chunk, _no_usage)

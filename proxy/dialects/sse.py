@@ -27,13 +27,13 @@ class Event:
 class SSESplitter:
     """Cuts a byte stream into whole events; see the module docstring."""
 
-    __slots__ = ("_pending",)
+    __slots__ = ("pending",)
 
     def __init__(self) -> None:
-        self._pending = b""
+        self.pending = b""  # the unfinished tail (read it to skip a call when empty)
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._pending + chunk if self._pending else chunk
+        buf = self.pending + chunk if self.pending else chunk
         events: list[bytes] = []
         start = 0
         if b"\r" not in buf:  # the common case: LF only, a plain find beats the regex
@@ -48,32 +48,32 @@ class SSESplitter:
         # A CR at the very end may be the first half of CR LF: it stays pending either way.
         if len(rest) > MAX_PENDING:
             rest = rest[-MAX_PENDING:]  # a malformed stream with no boundary: keep memory bounded
-        self._pending = rest
+        self.pending = rest
         return events
 
     def feed_plain(self, chunk: bytes, plain: Callable[[bytes], bool]) -> bytes | list[bytes]:
         """Like `feed`, but when the whole events so far are LF-only and `plain` says none
         needs reading now, they come back as ONE bytes blob (split it with `events_of`):
         a meter then does per-chunk work, not per-event. Otherwise the list `feed` gives."""
-        buf = self._pending + chunk if self._pending else chunk
+        buf = self.pending + chunk if self.pending else chunk
         # Without CR and without a run of three LFs, the last LF LF is where `feed`'s
         # left-to-right cutting would end too, so the blob holds exactly its events.
         if b"\r" not in buf and b"\n\n\n" not in buf:
             end = buf.rfind(b"\n\n") + 2
             if end == 1:  # no whole event yet
-                self._pending = buf if len(buf) <= MAX_PENDING else buf[-MAX_PENDING:]
+                self.pending = buf if len(buf) <= MAX_PENDING else buf[-MAX_PENDING:]
                 return b""
             blob = buf[:end]
             if plain(blob):
                 rest = buf[end:]
-                self._pending = rest if len(rest) <= MAX_PENDING else rest[-MAX_PENDING:]
+                self.pending = rest if len(rest) <= MAX_PENDING else rest[-MAX_PENDING:]
                 return blob
-        self._pending = b""
+        self.pending = b""
         return self.feed(buf)
 
     def tail(self) -> bytes:
         """What arrived after the last whole event (an unterminated final event)."""
-        return self._pending
+        return self.pending
 
 
 def events_of(blob: bytes) -> list[bytes]:
