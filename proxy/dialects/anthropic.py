@@ -58,6 +58,7 @@ _TEXT_KEYS = ("text", "thinking", "content", "source")
 _DELTA_EVENTS = (b'event: content_block_delta\ndata: {"type":"content_block_delta",',
                  b'data: {"type":"content_block_delta",')
 _BETWEEN_DELTAS = tuple(b"\n\n" + prefix for prefix in _DELTA_EVENTS)
+_DELTA_AFTER = _BETWEEN_DELTAS[0]  # a content delta after another event, as the API writes it
 
 
 def _only_deltas(blob: bytes) -> bool:
@@ -67,6 +68,8 @@ def _only_deltas(blob: bytes) -> bool:
     if not blob.startswith(_DELTA_EVENTS):
         return False
     n = blob.count(b"\n\n")
+    if n == 1:  # one event: the blob (which ends at LF LF)
+        return blob[-3:] == b"}\n\n"
     return blob.count(b"}\n\n") == n \
         and sum(blob.count(between) for between in _BETWEEN_DELTAS) == n - 1
 
@@ -186,11 +189,22 @@ class _StreamMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         if not self._split.pending and chunk[-3:] == b"}\n\n" and b"\r" not in chunk \
-                and b"\n\n\n" not in chunk and _only_deltas(chunk):
-            # The common case in as few calls as can be: whole content deltas (often one);
-            # what `feed_plain` would do, without its calls.
-            self._tally.defer(chunk)
+                and b"\n\n\n" not in chunk:
+            # Whole events (one, or many when the relay fell behind): the run from the
+            # first content delta to the last is one blob if nothing else is in it; the
+            # events around it (message_start, message_delta, ...) are read as ever.
+            first = chunk.find(_DELTA_AFTER)
+            if first < 0:
+                return self._feed_events(chunk)
+            last = chunk.find(b"\n\n", chunk.rfind(_DELTA_AFTER) + 2) + 2
+            self._feed_events(chunk[:first + 2])
+            self._feed_events(chunk[first + 2:last])
+            if last < len(chunk):
+                self._feed_events(chunk[last:])
             return chunk
+        return self._feed_events(chunk)
+
+    def _feed_events(self, chunk: bytes) -> bytes:
         events = self._split.feed_plain(chunk, _only_deltas)
         if isinstance(events, bytes):  # nothing but content deltas: kept raw, as one blob
             if events:

@@ -255,13 +255,32 @@ class _StreamMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         if self._fast and not self._split.pending and chunk[-2:] == b"\n\n" \
-                and b"\r" not in chunk and b"\n\n\n" not in chunk and b'"error"' not in chunk \
-                and (b'"usage"' not in chunk or _USAGE_OBJECT.search(chunk) is None) \
-                and self.metered.response_model is not None:
-            # The common case in as few calls as can be: whole events (often one), none
-            # with usage or an error; what `feed_plain` would do, without its calls.
-            self._tally.defer(chunk)
+                and b"\r" not in chunk and b"\n\n\n" not in chunk:
+            # Whole events (one, or many when the relay fell behind): the first event of
+            # the stream is read (the model), then the run of events before the first
+            # that can carry usage or an error is kept as one blob, the rest read as ever.
+            if self.metered.response_model is None:
+                end = chunk.find(b"\n\n") + 2
+                self._feed_events(chunk[:end])
+                rest = chunk[end:]
+            else:
+                rest = chunk
+            if rest and self.metered.response_model is not None:
+                cut = len(rest)
+                if (found := _USAGE_OBJECT.search(rest)) is not None:
+                    cut = found.start()
+                if 0 <= (error := rest.find(b'"error"')) < cut:
+                    cut = error
+                start = rest.rfind(b"\n\n", 0, cut) + 2  # the end of the last plain event
+                if start > 1:
+                    self._tally.defer(rest[:start])
+                    rest = rest[start:]
+            if rest:
+                self._feed_events(rest)
             return chunk
+        return self._feed_events(chunk)
+
+    def _feed_events(self, chunk: bytes) -> bytes:
         if not self._fast or self.metered.response_model is None:
             events: bytes | list[bytes] = self._split.feed(chunk)
         else:
