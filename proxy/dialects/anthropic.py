@@ -194,7 +194,10 @@ class _StreamMeter:
             # first content delta to the last is one blob if nothing else is in it; the
             # events around it (message_start, message_delta, ...) are read as ever.
             first = chunk.find(_DELTA_AFTER)
-            if first < 0:
+            if first < 0:  # one event, most often a content delta
+                if _only_deltas(chunk):
+                    self._tally.defer(chunk)
+                    return chunk
                 return self._feed_events(chunk)
             last = chunk.find(b"\n\n", chunk.rfind(_DELTA_AFTER) + 2) + 2
             self._feed_events(chunk[:first + 2])
