@@ -271,6 +271,10 @@ async def soak(minutes: float, concurrency: int, interval: float = 10.0,
     await web.TCPSite(runner, "127.0.0.1", fake_port).start()
     work = Path(tempfile.mkdtemp(prefix="meterproxy-soak-"))
     db = work / "soak.db"
+    # As after any restart on an existing log: migrated already, so the serve never loads
+    # sqlite_utils (the first start after an upgrade does, once, to run the migrations).
+    from proxy.storage.sqlite import migrate
+    migrate(db)
     key: dict[str, Any] = {"name": "soak", "tags": {"team": "soak"},
                            "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}
     if budget:  # never reached; every call reserves and settles against it
