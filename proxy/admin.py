@@ -15,8 +15,9 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -216,32 +217,45 @@ def _flag(params: Any, name: str) -> bool:
 _FLAGS = {"0": False, "false": False, "no": False, "1": True, "true": True, "yes": True}
 
 
-async def _report(request: web.Request) -> dict[str, Any]:
-    rt = runtime_of(request)
-    now = rt.now()
+def _window(request: web.Request) -> tuple[datetime, datetime | None, datetime]:
+    """The `since=` (default 30d) and `until=` of a report-like view, and now."""
+    now = runtime_of(request).now()
     params = request.query
     try:
         since = parse_time(params.get("since") or "30d", now)
         until = parse_time(params["until"], now) if params.get("until") else None
     except ValueError as exc:
         raise _bad_request(str(exc)) from None
-    settings = rt.settings
-    top = _top(request)
+    return since, until, now
+
+
+async def _cached(request: web.Request, key: tuple,
+                  build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`build()` run off the loop once per key and REPORT_TTL_S; concurrent askers wait
+    for the one run rather than each reading the whole log."""
     cache = request.app[APP_REPORTS]
+    async with cache.locks.setdefault(key, asyncio.Lock()):
+        hit = cache.entries.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        data = await asyncio.get_running_loop().run_in_executor(None, build)
+        cache.entries = {k: v for k, v in cache.entries.items() if v[0] > time.monotonic()}
+        cache.entries[key] = (time.monotonic() + REPORT_TTL_S, data)
+        return data
+
+
+async def _report(request: web.Request) -> dict[str, Any]:
+    since, until, now = _window(request)
+    settings = runtime_of(request).settings
+    top = _top(request)
+    params = request.query
     key = (params.get("since") or "30d", params.get("until"), top, id(settings))
 
     def run() -> dict[str, Any]:
         return build_report(lambda: open_reader(settings.storage.usage_log), settings, since,
                             until, now, top)
 
-    async with cache.locks.setdefault(key, asyncio.Lock()):
-        hit = cache.entries.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        data = await asyncio.get_running_loop().run_in_executor(None, run)
-        cache.entries = {k: v for k, v in cache.entries.items() if v[0] > time.monotonic()}
-        cache.entries[key] = (time.monotonic() + REPORT_TTL_S, data)
-        return data
+    return await _cached(request, key, run)
 
 
 async def advise_view(request: web.Request) -> web.Response:
@@ -263,30 +277,17 @@ async def _advice(request: web.Request) -> dict[str, Any]:
     """The advice for the request's window, built off the loop and kept REPORT_TTL_S."""
     from proxy.advise import advise
 
+    since, until, now = _window(request)
     rt = runtime_of(request)
-    now = rt.now()
-    params = request.query
-    try:
-        since = parse_time(params.get("since") or "30d", now)
-        until = parse_time(params["until"], now) if params.get("until") else None
-    except ValueError as exc:
-        raise _bad_request(str(exc)) from None
     settings, prices = rt.settings, rt.prices
-    cache = request.app[APP_REPORTS]
+    params = request.query
     key = ("advise", params.get("since") or "30d", params.get("until"), id(settings))
 
     def run() -> dict[str, Any]:
         with open_reader(settings.storage.usage_log) as log:
             return advise(log, settings, prices, since, until, now)
 
-    async with cache.locks.setdefault(key, asyncio.Lock()):
-        hit = cache.entries.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        data = await asyncio.get_running_loop().run_in_executor(None, run)
-        cache.entries = {k: v for k, v in cache.entries.items() if v[0] > time.monotonic()}
-        cache.entries[key] = (time.monotonic() + REPORT_TTL_S, data)
-        return data
+    return await _cached(request, key, run)
 
 
 async def to_dashboard(request: web.Request) -> web.Response:
