@@ -31,7 +31,7 @@ import yaml
 from aiohttp import web
 
 from proxy.simulator import Simulator
-from tests.conftest import KEY_ENV, PROVIDER_KEY, free_port, http
+from tests.conftest import KEY_ENV, PROVIDER_KEY, VIRTUAL_KEY, free_port, http
 from tests.services import postgres_url, redis_bin, redis_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,6 +231,22 @@ class SimServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.loop.close()
+
+
+async def chat_as(url: str, customer: str, prompt: str, max_tokens: int) -> Any:
+    """One chat completion through a proxy process with the test key, as `customer`,
+    with no SDK retries (the scale tests count each call once)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key=VIRTUAL_KEY, max_retries=0,
+                                timeout=30)
+    try:
+        return await client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=max_tokens,
+            messages=[{"role": "user", "content": prompt}],
+            extra_headers={"X-Meter-Customer": customer})
+    finally:
+        await client.close()
 
 
 def log_events(proxy: ProxyProcess) -> list[dict[str, Any]]:

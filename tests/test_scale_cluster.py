@@ -28,6 +28,7 @@ from tests.scale import (
     ROOT,
     ProxyProcess,
     SimServer,
+    chat_as,
     log_events,
     pg_database,
     pg_rows,
@@ -88,15 +89,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 async def _chat(url: str, customer: str) -> Any:
-    client = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key=VIRTUAL_KEY, max_retries=0,
-                                timeout=30)
-    try:
-        return await client.chat.completions.create(
-            model="gpt-4o-mini", max_tokens=MAX_TOKENS,
-            messages=[{"role": "user", "content": PROMPT}],
-            extra_headers={"X-Meter-Customer": customer})
-    finally:
-        await client.close()
+    return await chat_as(url, customer, PROMPT, MAX_TOKENS)
 
 
 def _balance(c: Cluster, customer: str) -> Balance:

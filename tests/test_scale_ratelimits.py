@@ -21,6 +21,7 @@ from tests.scale import (
     ADMIN_ENV,
     ProxyProcess,
     SimServer,
+    chat_as,
     pg_database,
     pg_rows,
     redis_prefix,
@@ -77,15 +78,7 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trio]:
 
 
 async def _chat(url: str, customer: str) -> Any:
-    client = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key=VIRTUAL_KEY, max_retries=0,
-                                timeout=30)
-    try:
-        return await client.chat.completions.create(
-            model="gpt-4o-mini", max_tokens=MAX_TOKENS,
-            messages=[{"role": "user", "content": PROMPT}],
-            extra_headers={"X-Meter-Customer": customer})
-    finally:
-        await client.close()
+    return await chat_as(url, customer, PROMPT, MAX_TOKENS)
 
 
 def _burst(t: Trio, customer: str, calls: int) -> list[Any]:
