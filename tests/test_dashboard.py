@@ -35,26 +35,8 @@ def login_page_for(proxy_url: str) -> Iterator[str]:
     page = (f'<form method="post" action="{proxy_url}/_meter/login">'
             f'<input name="key" value="{ADMIN_KEY}"></form>'
             "<script>document.forms[0].submit()</script>").encode()
-
-    class Page(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with page_server(page) as url:
+        yield url
 
 
 def headless(url: str, *args: str) -> subprocess.CompletedProcess[str]:
