@@ -96,19 +96,24 @@ def test_rotating_trace_ids_escape_the_run_budget_but_not_the_keys(tmp_path: Pat
         stack.close()
 
 
+def _spend_run_then_stop(stack: Stack, run: dict[str, str]) -> None:
+    """K calls of one run (its whole budget), their rows written, then the stack stopped."""
+    try:
+        stack.sim.then(Scenario(usage=exact_usage(), repeat=20))
+        client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
+        for _ in range(K):
+            chat(client, **run)
+        stack.rows(K)
+    finally:
+        stack.close()
+
+
 def test_a_runs_spend_survives_a_restart(tmp_path: Path) -> None:
     """The local ledger rebuilds a run's spend from the usage log: after a restart the run
     that spent its budget is still refused, another run is not."""
     stack = trace_stack(tmp_path)
     run1 = {"X-Meter-Trace-Id": "run-1"}
-    try:
-        stack.sim.then(Scenario(usage=exact_usage(), repeat=20))
-        client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
-        for _ in range(K):
-            chat(client, **run1)
-        stack.rows(K)
-    finally:
-        stack.close()
+    _spend_run_then_stop(stack, run1)
     again = trace_stack(tmp_path)
     try:
         again.sim.then(Scenario(usage=exact_usage(), repeat=20))
@@ -193,14 +198,7 @@ def test_runs_rebuilt_at_start_are_forgotten_too(tmp_path: Path) -> None:
     now = [T0]
     run1 = {"X-Meter-Trace-Id": "run-1"}
     stack = trace_stack(tmp_path, clock=lambda: now[0])
-    try:
-        stack.sim.then(Scenario(usage=exact_usage(), repeat=20))
-        client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
-        for _ in range(K):
-            chat(client, **run1)
-        stack.rows(K)
-    finally:
-        stack.close()
+    _spend_run_then_stop(stack, run1)
     now[0] = T0 + timedelta(hours=1)
     again = trace_stack(tmp_path, clock=lambda: now[0])
     try:
