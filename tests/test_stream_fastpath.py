@@ -118,24 +118,31 @@ def test_anthropic_usage_is_exact_at_any_cut(points: list[int]) -> None:
     assert metered.text.text() == "".join(ANTHROPIC_TEXT)
 
 
-def test_anthropic_content_deltas_are_never_parsed_when_usage_comes(monkeypatch) -> None:
-    """The fast path itself: with usage in the stream, only the events that can carry it
-    (and the few block starts and markers) reach the JSON parser, none of the deltas."""
+def json_parsed_by(module: Any, monkeypatch: Any) -> list[bytes]:
+    """Every document `module` hands orjson to parse, in order (its orjson spied on)."""
     parsed: list[bytes] = []
     real = orjson.loads
 
     class Spy:
         JSONDecodeError = orjson.JSONDecodeError
+        dumps = staticmethod(orjson.dumps)
 
         @staticmethod
         def loads(data: bytes) -> Any:
             parsed.append(bytes(data))
             return real(data)
 
-    monkeypatch.setattr(anthropic_module, "orjson", Spy)
+    monkeypatch.setattr(module, "orjson", Spy)
+    return parsed
+
+
+def test_anthropic_content_deltas_are_never_parsed_when_usage_comes(monkeypatch) -> None:
+    """The fast path itself: with usage in the stream, only the events that can carry it
+    (and the few block starts and markers) reach the JSON parser, none of the deltas."""
+    parsed = json_parsed_by(anthropic_module, monkeypatch)
     _, metered = run(ANTHROPIC, MESSAGES, [ANTHROPIC_STREAM])
     assert metered.usage == ANTHROPIC_USAGE
-    kinds = [real(data)["type"] for data in parsed]
+    kinds = [orjson.loads(data)["type"] for data in parsed]
     assert "content_block_delta" not in kinds
     assert kinds.count("message_delta") == 1 and kinds.count("message_start") == 1
 
@@ -248,23 +255,10 @@ def test_gemini_only_chunks_that_say_more_are_parsed_as_they_come(monkeypatch) -
     """Text-and-totals chunks are held raw: the stream parses the function-call chunk and
     the finishing one, never every chunk (the chunk held before each is dropped unread:
     the newer one carries usage, model and id of its own)."""
-    parsed: list[bytes] = []
-    real = orjson.loads
-
-    class Spy:
-        JSONDecodeError = orjson.JSONDecodeError
-
-        @staticmethod
-        def loads(data: bytes) -> Any:
-            parsed.append(bytes(data))
-            return real(data)
-
-        dumps = staticmethod(orjson.dumps)
-
-    monkeypatch.setattr(gemini_module, "orjson", Spy)
+    parsed = json_parsed_by(gemini_module, monkeypatch)
     _, metered = run(GEMINI, STREAM, [GEMINI_SSE])
     assert metered.usage == GEMINI_USAGE
-    assert [real(d) for d in parsed] == [GEMINI_CHUNKS[3], GEMINI_CHUNKS[5]]
+    assert [orjson.loads(d) for d in parsed] == [GEMINI_CHUNKS[3], GEMINI_CHUNKS[5]]
 
 
 def test_gemini_held_chunk_is_read_when_the_next_says_less() -> None:
