@@ -48,6 +48,7 @@ DEFAULT_CONTEXT_WINDOW = 200_000
 # trace ids are per run, so their counters would otherwise pile up for ever.
 TRACE_IDLE_S = 86_400
 _KEY_CACHE_LIMIT = 10_000  # ledger keys kept between calls, per budget and scope
+NEAR = 64  # a budget with room for fewer holds than this counts each prompt exactly
 
 
 def scope_of(scope: tuple[tuple[str, str], ...], attrs: dict[str, str | None]) -> str | None:
@@ -271,6 +272,7 @@ class Budgets:
         # Each budget's current period and each scope's ledger key, kept between calls.
         self._periods: list[tuple[datetime, datetime | None] | None] = [None] * len(budgets)
         self._keys: dict[tuple[int, str], tuple[datetime, str]] = {}
+        self._seen: dict[str, Balance] = {}  # each ledger key's latest balance
         # The embedded ledger reserves and settles in place: no task per call.
         self._reserve_now = getattr(ledger, "reserve_now", None)
         self._settle_now = getattr(ledger, "settle_now", None)
@@ -332,20 +334,34 @@ class Budgets:
             if not any(limit.requests is not None for limit, _ in limits):
                 return
             applicable = []  # only its requests are counted
+        priced_for = None
+        prompt, usd, count = 0, ZERO, 0  # requests-only limits: no need to count the prompt
+        countable = counted = False
         if applicable or any(limit.counts_amounts for limit, _ in limits):
             # A USD rate limit, like a USD budget, cannot count a model with no price.
             priced_for = usd_budget or next(((limit, scope) for limit, scope in limits
                                              if limit.usd is not None), None)
-            usd, count = await self.estimate(x, now, priced_for)
-        else:
-            usd, count = ZERO, 0  # requests-only limits: no need to count the prompt
-        holds = [Hold(key=key, usd=usd, tokens=count, limit_usd=b.limit_usd,
-                      limit_tokens=b.limit_tokens, block=b.block, period_end=end,
-                      idle_s=b.idle_s)
-                 for b, _, key, end in applicable]
-        windows = [limit.window(scope, count, usd) for limit, scope in limits]
+            await self._refuse_deep(x)
+            # The body's bytes bound its prompt's tokens at no cost; the prompt is counted
+            # only where the bound's few-fold excess could decide: near a limit.
+            prompt = tokens.utf8_bound(x.body)
+            usd, count = self.estimate(x, now, priced_for, prompt)
+            # (Megabytes are never tokenized: that would hold other calls up.)
+            countable = len(x.body) <= self.count_bytes_up_to
+            if countable and self._near(applicable, limits, usd, count):
+                prompt, counted = await self._count(x), True
+                usd, count = self.estimate(x, now, priced_for, prompt)
         try:
-            result = await self._reserve(x.id, holds, windows)
+            holds, windows, result = await self._hold(x, applicable, limits, usd, count)
+            if (result.refused is not None or result.limited is not None) \
+                    and countable and not counted:
+                # Refused on the bound (a balance that moved since this instance saw it):
+                # counted exactly and tried once more, so no call is refused for the bound.
+                exact = await self._count(x)
+                if exact < prompt:
+                    usd, count = self.estimate(x, now, priced_for, exact)
+                    holds, windows, result = await self._hold(x, applicable, limits, usd,
+                                                              count)
         except LedgerUnavailable as exc:
             log.error("ledger_unavailable", request_id=x.id, policy=self.ledger_failure,
                       error=str(exc))
@@ -353,6 +369,7 @@ class Budgets:
                 raise MeterError(Kind.UNAVAILABLE, "meterproxy cannot reach its budget ledger, "
                                  "so it cannot check this call's budget; retry shortly",
                                  headers={"Retry-After": "1"}) from None
+            holds = self._holds(applicable, usd, count)
             x.reservation = Reservation([(b, scope, h) for (b, scope, _, _), h
                                          in zip(applicable, holds, strict=True)],
                                         unreserved=True)
@@ -375,6 +392,7 @@ class Budgets:
                              status=status or self.refusal_status)
         x.reservation = Reservation([(b, scope, h) for (b, scope, _, _), h
                                      in zip(applicable, holds, strict=True)], len(windows))
+        self._saw(zip(holds, result.balances, strict=True))
         # Only the caller's own key budgets: another scope's balance is not its business.
         remaining = [h.limit_usd - bal.spent_usd - bal.reserved_usd
                      for (b, _, _, _), h, bal in zip(applicable, holds, result.balances,
@@ -382,6 +400,60 @@ class Budgets:
                      if h.limit_usd is not None and any(d == "key" for d, _ in b.scope)]
         if remaining:
             x.budget_remaining = max(min(remaining), ZERO)
+
+    def _near(self, applicable: list[tuple[Budget, str, str, datetime | None]],
+              limits: list[tuple[RateLimit, str]], usd: Decimal, count: int) -> bool:
+        """Whether a hold of `usd` and `count` could decide admission: a rate window counts
+        amounts (windows are small), or a blocking budget has room for fewer than NEAR such
+        holds, or this instance has not seen its balance yet. Counting those exactly keeps
+        a burst of up to NEAR concurrent calls admitted as if every prompt were counted."""
+        if any(limit.counts_amounts for limit, _ in limits):
+            return True
+        for budget, _, key, _ in applicable:
+            if not budget.block:
+                continue
+            seen = self._seen.get(key)
+            if seen is None:
+                return True
+            if budget.limit_usd is not None and \
+                    budget.limit_usd - seen.spent_usd - seen.reserved_usd < usd * NEAR:
+                return True
+            if budget.limit_tokens is not None and \
+                    budget.limit_tokens - seen.spent_tokens - seen.reserved_tokens < count * NEAR:
+                return True
+        return False
+
+    @staticmethod
+    async def _count(x: Exchange) -> int:
+        """The prompt's exact tokens, on the tokenizer pool."""
+        return await tokens.off_loop(count_prompt, x.dialect, x.call, x.payload,
+                                     tenant=x.key_name or "")
+
+    @staticmethod
+    def _holds(applicable: list[tuple[Budget, str, str, datetime | None]], usd: Decimal,
+               count: int) -> list[Hold]:
+        return [Hold(key=key, usd=usd, tokens=count, limit_usd=b.limit_usd,
+                     limit_tokens=b.limit_tokens, block=b.block, period_end=end,
+                     idle_s=b.idle_s)
+                for b, _, key, end in applicable]
+
+    async def _hold(self, x: Exchange, applicable: list[tuple[Budget, str, str, datetime | None]],
+                    limits: list[tuple[RateLimit, str]], usd: Decimal, count: int
+                    ) -> tuple[list[Hold], list[Any], Reserved]:
+        """Hold `usd` and `count` on every applicable budget and window (or be refused)."""
+        holds = self._holds(applicable, usd, count)
+        windows = [limit.window(scope, count, usd) for limit, scope in limits]
+        return holds, windows, await self._reserve(x.id, holds, windows)
+
+    async def _refuse_deep(self, x: Exchange) -> None:
+        """400 for a body nested too deep for the prompt's walk (which recurses). Only a
+        body with that many brackets can be: most are cleared by two byte counts."""
+        if x.body.count(b"[") + x.body.count(b"{") <= tokens.MAX_DEPTH:
+            return
+        try:
+            await tokens.off_loop(tokens.check_depth, x.payload, tenant=x.key_name or "")
+        except tokens.TooDeep as exc:
+            raise MeterError(Kind.INVALID_REQUEST, str(exc)) from None
 
     async def _reserve(self, call_id: str, holds: list[Hold], windows: list[Any]) -> Reserved:
         """The ledger's reserve. The embedded ledger's runs in place (it never awaits, so
@@ -405,11 +477,11 @@ class Budgets:
         if done.result().refused is None:
             self.spawn(self.ledger.settle(call_id, ZERO, 0))
 
-    async def estimate(self, x: Exchange, now: datetime,
-                       usd_budget: tuple[Budget | RateLimit, str] | None = None
-                       ) -> tuple[Decimal, int]:
-        """The call's most expensive outcome: its prompt (with any context the provider
-        keeps for it) plus its whole output allowance for every answer it asks for.
+    def estimate(self, x: Exchange, now: datetime,
+                 usd_budget: tuple[Budget | RateLimit, str] | None, prompt: int
+                 ) -> tuple[Decimal, int]:
+        """The call's most expensive outcome: `prompt` tokens (with any context the
+        provider keeps for it) plus its whole output allowance for every answer it asks for.
 
         A model without a price cannot be held against a USD budget: it is refused
         unless pricing.unpriced is `allow`."""
@@ -423,14 +495,6 @@ class Budgets:
                 f"run under {usd_budget[0].describe(usd_budget[1])}; give it one in "
                 "pricing.overrides (or set pricing.unpriced: allow)", param="model",
                 code="model_unpriced")
-        if len(x.body) > self.count_bytes_up_to:
-            prompt = tokens.utf8_bound(x.body)  # tokenizing megabytes would hold others up
-        else:
-            try:
-                prompt = await tokens.off_loop(count_prompt, x.dialect, x.call, x.payload,
-                                               tenant=x.key_name or "")
-            except tokens.TooDeep as exc:
-                raise MeterError(Kind.INVALID_REQUEST, str(exc)) from None
         entry = self.prices.model(table, (model,))
         if x.call.server_context:
             prompt += entry.context_window if entry and entry.context_window \
@@ -477,7 +541,16 @@ class Budgets:
                 await asyncio.sleep(delay)
         self._observe(settled, reservation)
 
+    def _saw(self, balances: Iterable[tuple[Hold, Balance]]) -> None:
+        """Keep the balances a reserve or settle returned, for `_near` (the embedded
+        ledger's are its live objects; a shared ledger's, snapshots)."""
+        for hold, balance in balances:
+            if hold.key not in self._seen and len(self._seen) >= _KEY_CACHE_LIMIT:
+                self._seen.clear()  # scopes come from clients: bound it
+            self._seen[hold.key] = balance
+
     def _observe(self, settled: list[tuple[Hold, Balance]], reservation: Reservation) -> None:
+        self._saw(settled)
         scopes = {h.key: (b, scope) for b, scope, h in reservation.holds}
         for hold, balance in settled:
             budget, scope = scopes[hold.key]

@@ -22,7 +22,6 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from proxy import tokens
 from proxy.anomaly.guard import AnomalyGuard
 from proxy.budgets import Alerts, Budget, Budgets, budgets_from, spend_from_log
 from proxy.config import KeyConfig, Settings
@@ -205,9 +204,6 @@ async def build_runtime(settings: Settings, services: Services,
             # Redis keeps spend across restarts, so it rarely needs this; if it turns out
             # to have lost the ledger, the first reserve asks for the rebuild again.
             log.error("budgets_not_rebuilt", error=str(exc))
-        # Every call will be estimated: load the tokenizer now, not on the first call
-        # (without budgets it loads only if a stream ends without usage: ~50 MB saved).
-        await tokens.off_loop(tokens.get_encoding, "o200k_base")
     return Runtime(settings=settings, upstreams=parts.upstreams, keys=parts.keys,
                    prices=parts.prices, admin_key=parts.admin_key, budgets=budgets,
                    services=services)

@@ -61,6 +61,64 @@ def chat(client: openai.OpenAI, **headers: str) -> Any:
         messages=[{"role": "user", "content": PROMPT}], extra_headers=headers)
 
 
+def holds_and_counts(tmp: Path, limit: Decimal, calls: int,
+                     monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], int, int]:
+    """Tokens each of `calls` calls held (the estimate's), how many prompts were tokenized,
+    and the JSON body's byte length."""
+    import proxy.budgets as budgets_module
+
+    stack = budget_stack(tmp, [], key_budgets=[{"period": "day", "limit_usd": float(limit)}])
+    held: list[int] = []
+    counted: list[int] = []
+    estimate, count_prompt = stack.runtime.budgets.estimate, budgets_module.count_prompt
+
+    def spy_estimate(*args: Any) -> tuple[Decimal, int]:
+        result = estimate(*args)
+        held.append(result[1])
+        return result
+
+    def spy_count(*args: Any) -> int:
+        counted.append(1)
+        return count_prompt(*args)
+
+    stack.runtime.budgets.estimate = spy_estimate
+    monkeypatch.setattr(budgets_module, "count_prompt", spy_count)
+    try:
+        stack.sim.then(Scenario(usage=exact_usage(), repeat=calls))
+        client = openai.OpenAI(base_url=stack.base(), api_key=VIRTUAL_KEY, max_retries=0)
+        for _ in range(calls):
+            assert chat(client).http_response.status_code == 200
+        body = stack.sim.received[0].body
+        rows = stack.calls(calls)
+        assert [Decimal(str(r["cost_usd"])) for r in rows] == [call_cost()] * calls
+    finally:
+        stack.close()
+    return held, len(counted), len(body)
+
+
+def test_far_from_its_limit_a_prompt_is_held_by_its_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Far from its limit a call holds its body's byte length as input tokens (an upper
+    bound: a token is at least a byte) and nothing is tokenized; only the first call, on a
+    balance this instance had not seen, is counted exactly."""
+    held, counted, size = holds_and_counts(tmp_path, Decimal(1000), 3, monkeypatch)
+    exact = exact_usage()["prompt_tokens"]
+    assert exact < size
+    assert held == [size + MAX_TOKENS, exact + MAX_TOKENS,
+                    size + MAX_TOKENS, size + MAX_TOKENS]
+    assert counted == 1
+
+
+def test_near_its_limit_every_prompt_is_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for fewer than 64 holds of its size, each call is counted exactly before
+    it is held, so a burst near the limit is admitted as if every prompt were counted."""
+    held, counted, size = holds_and_counts(tmp_path, 40 * call_cost(), 3, monkeypatch)
+    exact = exact_usage()["prompt_tokens"]
+    assert held == [size + MAX_TOKENS, exact + MAX_TOKENS] * 3
+    assert counted == 3
+
+
 def test_burst_admits_exactly_what_the_budget_allows(tmp_path: Path) -> None:
     """50 concurrent calls on a budget with room for 7: exactly 7 reach the provider."""
     cost, k = call_cost(), 7

@@ -311,8 +311,8 @@ def test_large_prompt_is_held_by_its_byte_length(budgeted: Stack) -> None:
     budgets = budgeted.runtime.budgets
     original = budgets.estimate
 
-    async def spy(x, now, *rest):
-        result = await original(x, now, *rest)
+    def spy(x, now, *rest):
+        result = original(x, now, *rest)
         held.append(result[1])
         return result
 
