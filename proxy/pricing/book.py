@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -30,7 +30,7 @@ from proxy.pricing.tables import (
     rates_from,
     table_files,
 )
-from proxy.token_classes import RATE_KEYS
+from proxy.token_classes import PRICED, RATE_KEYS, Unit
 
 _DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{4}|@\d{8})$")
 _LATEST = re.compile(r"-latest$")
@@ -45,6 +45,30 @@ class Price:
     period: Period
     version: str
     rates: Any
+    # Each class's rate, resolved once (the cost engine's, per call otherwise).
+    resolved: dict[str, tuple[Decimal | None, int, bool]] = field(init=False, compare=False,
+                                                                  repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resolved", resolve_rates(self.rates))
+
+
+# Each priced class's rate keys in fallback order, unit size and kind.
+_CLASSES = tuple((c.name, (c.rate, *c.fallback), c.per, c.unit is Unit.TOKENS) for c in PRICED)
+
+
+def resolve_rates(rates: Any) -> dict[str, tuple[Decimal | None, int, bool]]:
+    """Each priced class's rate (the first of its keys the rates name), unit size and
+    kind. A table's are resolved once, when its Price is built (Price.resolved)."""
+    resolved = {}
+    for name, keys, per, is_tokens in _CLASSES:
+        rate = None
+        for key in keys:
+            rate = getattr(rates, key)
+            if rate is not None:
+                break
+        resolved[name] = (rate, per, is_tokens)
+    return resolved
 
 
 @dataclass(frozen=True, slots=True)

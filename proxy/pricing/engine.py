@@ -13,8 +13,8 @@ from functools import lru_cache
 from typing import Any
 
 from proxy.dialects import standard_tiers
-from proxy.pricing.book import Price
-from proxy.token_classes import BY_COLUMN, BY_NAME, PRICED, PRICED_PARTS, Unit
+from proxy.pricing.book import Price, resolve_rates
+from proxy.token_classes import BY_COLUMN, PRICED, PRICED_PARTS
 
 QUANTUM = Decimal("1e-10")
 
@@ -60,16 +60,9 @@ def cost(usage: Any, price: Price, when: datetime, breakdown: bool = True) -> Co
             break
     total = Decimal(0)
     lines: dict[str, Any] = {}
-    counts = _amounts(usage)
-    for name, keys, per, is_tokens in _CLASSES:
-        n = counts[name]
-        if not n:
-            continue
-        rate = None
-        for key in keys:
-            rate = getattr(rates, key)
-            if rate is not None:
-                break
+    resolved = price.resolved if rates is price.rates else resolve_rates(rates)
+    for name, n in _amounts(usage):
+        rate, per, is_tokens = resolved[name]
         if rate is None:
             rate = Decimal(0)
             notes.setdefault("missing_rates", []).append(name)
@@ -84,40 +77,36 @@ def cost(usage: Any, price: Price, when: datetime, breakdown: bool = True) -> Co
     return Cost(total, {"classes": lines, **notes})
 
 
-# Resolved once, not per call: each priced class's name, rate keys in fallback order,
-# unit size and kind; and each top-level column with the parts priced apart within it.
-_CLASSES = tuple((c.name, (c.rate, *c.fallback), c.per, c.unit is Unit.TOKENS) for c in PRICED)
+# Each top-level column with the parts priced apart within it, resolved once.
 _SPLIT = tuple((c.column, c.name, tuple((BY_COLUMN[p].column, BY_COLUMN[p].name)
                                         for p in PRICED_PARTS[c.column]))
                for c in PRICED if c.within is None)
 
 
-def _amounts(usage: Any) -> dict[str, int]:
+def _amounts(usage: Any) -> list[tuple[str, int]]:
     """priced_counts(usage.counts()) without building the counts: the disjoint amount
-    each rate applies to, by class name (a part capped at what remains of its parent)."""
-    result: dict[str, int] = {}
+    each rate applies to, by class name (a part capped at what remains of its parent),
+    nonzero ones only, in the classes' order."""
+    found: list[tuple[str, int]] = []
     for column, name, parts in _SPLIT:
-        n = getattr(usage, column, 0)
+        n = getattr(usage, column)
+        if not n:
+            continue  # its parts are within it: none of them counts either
+        at = len(found)  # the parent goes before its parts, as the classes list them
         for part_column, part_name in parts:
-            taken = min(getattr(usage, part_column, 0), n)
-            result[part_name] = taken
-            n -= taken
-        result[name] = n
-    return result
+            taken = getattr(usage, part_column)
+            if taken:
+                taken = min(taken, n)
+                found.append((part_name, taken))
+                n -= taken
+        if n:
+            found.insert(at, (name, n))
+    return found
 
 
 @lru_cache(maxsize=4096)
 def _plain_rate(rate: Decimal) -> str:
     return plain(rate)  # rates come from a few table entries: format each once
-
-
-def _rate(rates: Any, name: str) -> Decimal | None:
-    cls = BY_NAME[name]
-    for key in (cls.rate, *cls.fallback):
-        value = getattr(rates, key)
-        if value is not None:
-            return value
-    return None
 
 
 def rounded(amount: Decimal) -> Decimal:
