@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 from zoneinfo import ZoneInfo
@@ -57,13 +58,20 @@ def scope_of(scope: tuple[tuple[str, str], ...], attrs: dict[str, str | None]) -
 
     Values are percent-encoded, so any value (commas, `=`, `/`, `@`, quotes, non-ASCII)
     keeps the scope and the ledger key built from it unambiguous (_attrs_of)."""
-    parts = []
+    values = []
     for dim, want in scope:
         got = attrs.get(dim)
         if got is None or (want != "*" and got != want):
             return None
-        parts.append(f"{dim}={quote(str(got), safe='')}")
-    return ",".join(parts)
+        values.append(got)
+    return _encoded(scope, tuple(values))
+
+
+@lru_cache(maxsize=_KEY_CACHE_LIMIT)
+def _encoded(scope: tuple[tuple[str, str], ...], values: tuple[str, ...]) -> str:
+    """scope_of's string, built once per scope and values (quoting is slow per call)."""
+    return ",".join(f"{dim}={quote(str(got), safe='')}"
+                    for (dim, _), got in zip(scope, values, strict=True))
 
 
 @dataclass(frozen=True, slots=True)

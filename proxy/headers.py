@@ -9,7 +9,7 @@ Portkey, Cloudflare AI Gateway), so a key meant for one gateway never reaches a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from functools import lru_cache
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -35,11 +35,11 @@ def connection_named(headers: Headers) -> set[str]:
 
 
 def strip(headers: Headers, *, toward_provider: bool,
-          drop: Iterable[str] = ()) -> CIMultiDict[str]:
+          drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
     """A copy of `headers` fit for the next hop; `drop` names more to leave out."""
-    dropped = HOP_BY_HOP | FRAMING | connection_named(headers) | {d.lower() for d in drop}
-    if toward_provider:
-        dropped |= NOT_FOR_PROVIDERS
+    dropped = _dropped(toward_provider, drop)
+    if "Connection" in headers:
+        dropped = dropped | connection_named(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
@@ -47,3 +47,11 @@ def strip(headers: Headers, *, toward_provider: bool,
             continue
         out.add(name, value)
     return out
+
+
+@lru_cache(maxsize=8)
+def _dropped(toward_provider: bool, drop: tuple[str, ...]) -> frozenset[str]:
+    """The names `strip` always leaves out for a direction and `drop` (callers pass a few
+    constant tuples: built once each, not per request)."""
+    dropped = HOP_BY_HOP | FRAMING | {d.lower() for d in drop}
+    return dropped | NOT_FOR_PROVIDERS if toward_provider else dropped
