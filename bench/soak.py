@@ -1,17 +1,18 @@
 """Soak: mixed traffic in all three dialects through meterproxy, its memory sampled.
 
-    python -m bench.soak [--minutes 10] [--concurrency 8] [--interval 10]
+    python -m bench.soak [--minutes 10] [--concurrency 8] [--interval 10] [--cut-share 0.05]
                          [--dialects openai,anthropic,gemini] [--out bench/results/soak.json]
 
 A fake provider in this process answers what each call asks for in its `X-Soak-*`
 headers (which meterproxy forwards like any other header), in the dialect the call
 speaks (OpenAI chat completions, Anthropic messages, Gemini generateContent): JSON
-answers (55%), streams of 1 to 2,000 chunks (35%), streams cut mid-way (5%), 500s and
+answers (55%), streams of 1 to 2,000 chunks (35%), streams cut mid-way (5%: their usage
+is estimated, which loads the tokenizer; `--cut-share 0` gives them to JSON), 500s and
 429s in the provider's own error shape (5%). `meterproxy serve` runs as its own process
-with metering, pricing, tags, a key budget every call reserves against (so the tokenizer
-for estimates is loaded) and the SQLite log on; its resident memory (VmRSS) is read from
-/proc every `--interval` seconds. Reported: RSS at start, after a minute, max and end, and
-its slope after the first minute (MB per minute, least squares); at the end the usage log
+with metering, pricing, tags, a key budget every call reserves against and the SQLite
+log on; its resident memory (VmRSS) is read from /proc every `--interval` seconds.
+Reported: RSS at start, after a minute, max and end, and its slope after the first
+minute (MB per minute, least squares); at the end the usage log
 must hold one row per call. Loopback only; it stops by itself.
 """
 
@@ -193,7 +194,7 @@ def request_for(dialect: str, stream: bool) -> tuple[str, bytes, dict[str, str]]
 
 
 async def drive(base: str, deadline: float, concurrency: int, seed: int,
-                dialects: list[str]) -> dict[str, Any]:
+                dialects: list[str], cut_share: float = 0.05) -> dict[str, Any]:
     rng = random.Random(seed)
     counts: dict[str, Any] = {"calls": 0, "json": 0, "stream": 0, "cut": 0, "error": 0,
                               "failed": 0, "by_dialect": {d: 0 for d in dialects}}
@@ -207,9 +208,9 @@ async def drive(base: str, deadline: float, concurrency: int, seed: int,
                            "X-Meter-Customer": f"c{rng.randint(1, 20)}",
                            "X-Meter-Tag-Soak": "1"}
                 stream = False
-                if roll < 0.55:
+                if roll < 0.60 - cut_share:
                     kind = "json"
-                elif roll < 0.90:
+                elif roll < 0.95 - cut_share:
                     kind, stream = "stream", True
                     headers["X-Soak-Chunks"] = str(rng.randint(1, 2000))
                 elif roll < 0.95:
@@ -263,7 +264,8 @@ def flatness(samples: list[tuple[float, float]]) -> dict[str, Any]:
 
 
 async def soak(minutes: float, concurrency: int, interval: float = 10.0,
-               dialects: list[str] | None = None, budget: bool = True) -> dict[str, Any]:
+               dialects: list[str] | None = None, budget: bool = True,
+               cut_share: float = 0.05) -> dict[str, Any]:
     dialects = list(dialects or DIALECTS)
     runner = web.AppRunner(make_provider(), access_log=None)
     await runner.setup()
@@ -308,7 +310,7 @@ async def soak(minutes: float, concurrency: int, interval: float = 10.0,
             await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
 
     sampler = asyncio.create_task(sample())
-    counts = await drive(base, deadline, concurrency, 11, dialects)
+    counts = await drive(base, deadline, concurrency, 11, dialects, cut_share)
     await sampler
     samples.append((round(time.monotonic() - start, 1), round(rss_mb(proc.pid), 1)))
     proc.terminate()
@@ -318,7 +320,7 @@ async def soak(minutes: float, concurrency: int, interval: float = 10.0,
     by_provider = dict(conn.execute("SELECT provider, count(*) FROM usage GROUP BY provider"))
     conn.close()
     return {"minutes": minutes, "concurrency": concurrency, "interval_s": interval,
-            "dialects": dialects, "budget": budget, "counts": counts,
+            "dialects": dialects, "budget": budget, "cut_share": cut_share, "counts": counts,
             "rows": sum(by_provider.values()), "rows_by_dialect": by_provider,
             "rss_samples_mb": samples, **flatness(samples)}
 
@@ -329,10 +331,12 @@ def markdown(result: dict[str, Any]) -> str:
     src = result.get("source") or {}
     m = result.get("machine") or {}
     slope = result.get("rss_slope_mb_per_min_after_1min")
+    share = result.get("cut_share", 0.05)
+    cuts = "" if share == 0.05 else f" --cut-share {share:g}"
     verdict = ("yes" if result.get("rss_under_limit") else "**no**") + (
         ", flat" if result.get("rss_flat") else ", **not flat**")
     return "\n".join([
-        f"`python -m bench.soak --minutes {result['minutes']:g}`, commit "
+        f"`python -m bench.soak --minutes {result['minutes']:g}{cuts}`, commit "
         f"{src.get('commit', '?')}, {result.get('started_utc', '')}: "
         f"{', '.join(result.get('dialects', ['openai']))} at random, concurrency "
         f"{result['concurrency']}, key budget {'on' if result.get('budget') else 'off'}; RSS "
@@ -362,15 +366,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dialects", default=",".join(DIALECTS))
     parser.add_argument("--budget", action=argparse.BooleanOptionalAction, default=True,
                         help="a key budget every call reserves against (default: on)")
+    parser.add_argument("--cut-share", type=float, default=0.05,
+                        help="share of streams cut mid-way (their usage is estimated, which "
+                             "loads the tokenizer); 0 gives their share to JSON answers")
     parser.add_argument("--out", default="bench/results/soak.json")
     args = parser.parse_args(argv)
+    if not 0 <= args.cut_share <= 0.35:
+        parser.error("--cut-share takes 0 to 0.35")
     dialects = [d.strip() for d in args.dialects.split(",") if d.strip()]
     if not dialects or set(dialects) - set(DIALECTS):
         parser.error(f"--dialects takes {', '.join(DIALECTS)}")
     host = machine()
     started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result = asyncio.run(soak(args.minutes, args.concurrency, args.interval, dialects,
-                              args.budget))
+                              args.budget, args.cut_share))
     result = {"machine": host, "source": source(), "started_utc": started_utc, **result}
     result["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)

@@ -33,6 +33,7 @@ EXPECTED_SHA256 = {
     "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
 }
 _lock = threading.Lock()
+_encodings: dict[str, tiktoken.Encoding] = {}
 T = TypeVar("T")
 
 
@@ -99,17 +100,22 @@ def load_ranks(name: str) -> dict[bytes, int]:
     return ranks
 
 
-@cache
 def get_encoding(name: str) -> tiktoken.Encoding:
-    """The named encoding, built from verified ranks (thread-safe, built once).
+    """The named encoding, built from verified ranks (thread-safe, built once: the
+    tokenizer threads may all ask for it at once on first need).
 
     Building it parses 200,000 ranks into Python objects the Rust core then copies; once
     they are freed, the C heap they took is handed back to the OS (glibc keeps it
     otherwise: about 14 MB of the resident set for o200k_base)."""
+    encoding = _encodings.get(name)
+    if encoding is not None:
+        return encoding
     with _lock:
-        encoding = _build(name)
-        gc.collect()
-        _trim_heap()
+        encoding = _encodings.get(name)
+        if encoding is None:
+            encoding = _encodings[name] = _build(name)
+            gc.collect()
+            _trim_heap()
         return encoding
 
 

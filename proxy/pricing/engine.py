@@ -35,7 +35,7 @@ def cost(usage: Any, price: Price, when: datetime, breakdown: bool = True) -> Co
     period = price.period
     rates = price.rates
     notes: dict[str, Any] = {}
-    prompt = usage.prompt_tokens
+    prompt = usage.prompt_tokens if period.tiers else 0
     for tier in reversed(period.tiers):
         if prompt > tier.above_input_tokens:
             rates = tier.adjustment.apply(rates)
