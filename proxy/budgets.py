@@ -284,6 +284,7 @@ class Budgets:
         # The embedded ledger reserves and settles in place: no task per call.
         self._reserve_now = getattr(ledger, "reserve_now", None)
         self._settle_now = getattr(ledger, "settle_now", None)
+        self._balance_now = getattr(ledger, "balance_now", None)
 
     def applicable(self, attrs: dict[str, str | None], now: datetime
                    ) -> list[tuple[Budget, str, str, datetime | None]]:
@@ -413,14 +414,15 @@ class Budgets:
               limits: list[tuple[RateLimit, str]], usd: Decimal, count: int) -> bool:
         """Whether a hold of `usd` and `count` could decide admission: a rate window counts
         amounts (windows are small), or a blocking budget has room for fewer than NEAR such
-        holds, or this instance has not seen its balance yet. Counting those exactly keeps
-        a burst of up to NEAR concurrent calls admitted as if every prompt were counted."""
+        holds, or (a shared ledger) this instance has not seen its balance yet. Counting
+        those exactly keeps a burst of up to NEAR concurrent calls admitted as if every
+        prompt were counted."""
         if any(limit.counts_amounts for limit, _ in limits):
             return True
         for budget, _, key, _ in applicable:
             if not budget.block:
                 continue
-            seen = self._seen.get(key)
+            seen = self._balance_now(key) if self._balance_now else self._seen.get(key)
             if seen is None:
                 return True
             if budget.limit_usd is not None and \
@@ -550,8 +552,10 @@ class Budgets:
         self._observe(settled, reservation)
 
     def _saw(self, balances: Iterable[tuple[Hold, Balance]]) -> None:
-        """Keep the balances a reserve or settle returned, for `_near` (the embedded
-        ledger's are its live objects; a shared ledger's, snapshots)."""
+        """Keep the balances a shared ledger's reserve or settle returned, for `_near`
+        (the embedded ledger's are read in place)."""
+        if self._balance_now is not None:
+            return
         for hold, balance in balances:
             if hold.key not in self._seen and len(self._seen) >= _KEY_CACHE_LIMIT:
                 self._seen.clear()  # scopes come from clients: bound it

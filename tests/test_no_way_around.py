@@ -405,12 +405,13 @@ def test_remaining_header_tells_only_the_keys_own_budgets(tmp_path: Path) -> Non
                    budgets=[{"scope": {"customer": "acme"}, "period": "day",
                              "limit_usd": 0.5}])
     try:
-        reply = http("POST", s.base() + "/chat/completions", chat_body(max_tokens=10),
+        body = chat_body(max_tokens=10)
+        reply = http("POST", s.base() + "/chat/completions", body,
                      {**auth(), "X-Meter-Customer": "acme"})
         assert reply.status_code == 200
-        # The hold is the prompt (cookbook count) and 10 output tokens, against $3.
-        prompt = 3 + 3 + tokens.count_text("user") + tokens.count_text("hello there")
-        hold = prompt * MINI_IN + 10 * MINI_OUT
+        # Far from both limits the hold is the body's bytes as input tokens (their upper
+        # bound) and 10 output tokens, against $3.
+        hold = len(body) * MINI_IN + 10 * MINI_OUT
         assert Decimal(reply.headers["x-meter-budget-remaining-usd"]) == Decimal(3) - hold
         other = http("POST", s.base() + "/chat/completions", chat_body(max_tokens=10),
                      {**auth(OTHER_KEY), "X-Meter-Customer": "acme"})

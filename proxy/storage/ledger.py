@@ -105,6 +105,9 @@ class Ledger(Protocol):
     async def close(self) -> None: ...
 
 
+_NONE = Balance()  # read-only: what balance_now says of a key never held
+
+
 def fits(hold: Hold, balance: Balance) -> bool:
     """Whether a blocking hold still fits under its limits."""
     if not hold.block:
@@ -141,6 +144,11 @@ class LocalLedger:
         if balance is None:
             balance = self._balances[key] = Balance()
         return balance
+
+    def balance_now(self, key: str) -> Balance:
+        """A key's balance as it stands (zero for one never held): this ledger is the
+        whole truth, so the budgets read it in place."""
+        return self._balances.get(key) or _NONE
 
     async def reserve(self, call_id: str, holds: list[Hold], ttl_s: float,
                       windows: Sequence[Window] = (), now: datetime | None = None
