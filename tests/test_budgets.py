@@ -61,13 +61,14 @@ def chat(client: openai.OpenAI, **headers: str) -> Any:
         messages=[{"role": "user", "content": PROMPT}], extra_headers=headers)
 
 
-def holds_and_counts(tmp: Path, limit: Decimal, calls: int,
-                     monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], int, int]:
+def holds_and_counts(tmp: Path, limit: Decimal, calls: int, monkeypatch: pytest.MonkeyPatch,
+                     **extra: Any) -> tuple[list[int], int, int]:
     """Tokens each of `calls` calls held (the estimate's), how many prompts were tokenized,
     and the JSON body's byte length."""
     import proxy.budgets as budgets_module
 
-    stack = budget_stack(tmp, [], key_budgets=[{"period": "day", "limit_usd": float(limit)}])
+    stack = budget_stack(tmp, [], key_budgets=[{"period": "day", "limit_usd": float(limit)}],
+                         **extra)
     held: list[int] = []
     counted: list[int] = []
     estimate, count_prompt = stack.runtime.budgets.estimate, budgets_module.count_prompt
@@ -105,6 +106,21 @@ def test_far_from_its_limit_a_prompt_is_held_by_its_bytes(
     assert exact_usage()["prompt_tokens"] < size
     assert held == [size + MAX_TOKENS] * 3
     assert counted == 0
+
+
+def test_on_redis_only_the_first_call_is_counted_far_from_the_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a shared ledger an instance judges by the balance it last saw: its first call
+    on a budget is counted exactly, the rest far from the limit are held by their bytes."""
+    from tests.scale import redis_prefix, redis_url
+
+    with redis_prefix() as prefix:
+        held, counted, size = holds_and_counts(
+            tmp_path, Decimal(1000), 3, monkeypatch,
+            storage={"ledger": f"{redis_url()}?prefix={prefix}"})
+    exact = exact_usage()["prompt_tokens"]
+    assert held == [size + MAX_TOKENS, exact + MAX_TOKENS] + [size + MAX_TOKENS] * 2
+    assert counted == 1
 
 
 def test_near_its_limit_every_prompt_is_counted(
