@@ -5,12 +5,13 @@
     python -m bench.all --no-soak   # the soak is the long part: run it on its own later with
     python -m bench.soak            # ... and then `python -m bench.all --render` to redo the docs
     python -m bench.all --render    # rewrite the docs' tables from bench/results/*.json only
+    python -m bench.all --soak-no-cuts   # also a soak without cut streams (budgets alone)
 
-A full run writes bench/results/loadgen.json, soak.json, scale.json (each with its .md) and
-all.md, and rewrites two generated sections of docs/performance.md, each between its own
-marker comments: the load and soak tables (this module's markers) and the scale-out
-section (bench/scale.py's). Nothing outside the markers is touched. A quick run writes to
-bench/results/quick/ and leaves the docs alone unless `--doc` is given.
+A full run writes bench/results/loadgen.json, soak.json (and soak_no_cuts.json), scale.json
+(each with its .md) and all.md, and rewrites two generated sections of docs/performance.md,
+each between its own marker comments: the load and soak tables (this module's markers)
+and the scale-out section (bench/scale.py's). Nothing outside the markers is touched. A
+quick run writes to bench/results/quick/ and leaves the docs alone unless `--doc` is given.
 
 The box's load goes into every result (load averages before and after, `uptime`, the
 CPU other processes took during each cell); when others took more than a quarter of the
@@ -59,7 +60,7 @@ def under_load(results: dict[str, Any]) -> float | None:
 
 
 def section(load: dict[str, Any] | None, soaked: dict[str, Any] | None,
-            note: str = "") -> str:
+            note: str = "", uncut: dict[str, Any] | None = None) -> str:
     """The generated part of docs/performance.md: loadgen's tables per dialect, the
     targets (the soak's memory among them) and the soak."""
     out = ["## Metering overhead in every dialect (issue 18)", ""]
@@ -92,6 +93,12 @@ def section(load: dict[str, Any] | None, soaked: dict[str, Any] | None,
                 "then `python -m bench.all --render`.", ""]
     else:
         out += [soak.markdown(soaked).rstrip("\n"), ""]
+    if uncut is not None and "rss_start_mb" in uncut:
+        out += ["Without cut streams (`--cut-share 0`, or `--soak-no-cuts` here): every call "
+                "reports its usage, so nothing needs an estimate and the tokenizer (about "
+                "44 MB) never loads; budgets hold prompts by their byte length far from a "
+                "limit (docs/budgets.md, \"The prompt's count\").", "",
+                soak.markdown(uncut).rstrip("\n"), ""]
     return "\n".join(out)
 
 
@@ -125,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--render", action="store_true",
                         help="run nothing: rewrite the docs from the results on disk")
     parser.add_argument("--no-soak", action="store_true", help="skip the soak")
+    parser.add_argument("--soak-no-cuts", action="store_true",
+                        help="also soak without cut streams (no estimates: budgets alone)")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale-out run")
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
     parser.add_argument("--soak-minutes", type=float, default=None,
@@ -150,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     folder = RESULTS / "quick" if args.quick else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {name: folder / f"{name}.json" for name in ("loadgen", "soak", "scale")}
+    paths = {name: folder / f"{name}.json"
+             for name in ("loadgen", "soak", "soak_no_cuts", "scale")}
     timings: dict[str, float] = {}
     status = 0
     if not args.render:
@@ -181,11 +191,18 @@ def main(argv: list[str] | None = None) -> int:
             status |= soak.main(["--minutes", str(args.soak_minutes), "--out",
                                  str(paths["soak"]), "--dialects", args.dialects])
             timings["soak_s"] = round(time.monotonic() - began, 1)
+        if args.soak_no_cuts:
+            began = time.monotonic()
+            print(f"== soak without cut streams ({args.soak_minutes:g} min)", file=sys.stderr)
+            status |= soak.main(["--minutes", str(args.soak_minutes), "--cut-share", "0",
+                                 "--out", str(paths["soak_no_cuts"]),
+                                 "--dialects", args.dialects])
+            timings["soak_no_cuts_s"] = round(time.monotonic() - began, 1)
     load, soaked = read(paths["loadgen"]), read(paths["soak"])
     if load is not None and timings:
         load["bench_all_timings"] = timings
         paths["loadgen"].write_text(json.dumps(load, indent=1) + "\n")
-    text = section(load, soaked, args.note)
+    text = section(load, soaked, args.note, read(paths["soak_no_cuts"]))
     (folder / "all.md").write_text(text)
     if args.doc:
         write_section(Path(args.doc), text)
