@@ -51,6 +51,10 @@ Usage = make_dataclass(
 
 def count(value: object) -> int:
     """A token count from a provider body: absent, null and junk all mean zero."""
+    if value.__class__ is int:  # the common cases first, without a call (bool is not int)
+        return value if value > 0 else 0
+    if value is None:
+        return 0
     if isinstance(value, bool):
         return 0
     if isinstance(value, int):

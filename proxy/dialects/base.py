@@ -268,6 +268,17 @@ class TextTally:
         if self._held > self.FOLD_CHARS:
             self._fold()
 
+    def defer_all(self, events: list[bytes]) -> None:
+        """`defer` each of `events`, in order (a meter's many events of one read)."""
+        size = sum(map(len, events))
+        if self._held + size > self.FOLD_CHARS:
+            for event in events:  # folds where one at a time would
+                self.defer(event)
+            return
+        self._items += events
+        self._held += size
+        self._deferred += len(events)
+
     def catch_up(self) -> None:
         """Read every deferred event into text, in order (the reader may note errors)."""
         if not self._deferred:

@@ -65,6 +65,9 @@ _ERRORS = {
     Kind.INTERNAL: "INTERNAL",
 }
 _REASONS = {Kind.BUDGET_EXCEEDED: "budget_exceeded", Kind.RATE_LIMITED: "rate_limited"}
+# The keys of a stream chunk that says more than text and running totals (one scan).
+_SAYS_MORE = re.compile(
+    rb'"(?:finishReason|groundingMetadata|promptFeedback|error|functionCall)"')
 
 
 class GeminiDialect:
@@ -122,8 +125,11 @@ class GeminiDialect:
         chunks = obj if isinstance(obj, list) else [obj]
         reader = _ChunkReader(call.model)
         for chunk in chunks:
-            reader.read(chunk)
-        if reader.metered.usage is None and reader.last is not None:
+            reader.read(chunk, text=False)
+        if reader.last is None:  # no usage at all: its text is what the estimate counts
+            for chunk in chunks:
+                reader.read_text(chunk)
+        elif reader.metered.usage is None:
             reader.finished = True  # a whole body: its last counts are final
             reader.settle(reader.last)
         return reader.metered
@@ -187,7 +193,8 @@ class _ChunkReader:
         self.metered = Metered(text=self._tally)
 
     def read(self, obj: Any, text: bool = True) -> None:
-        """Note what one chunk says; `text=False` when its text was tallied already."""
+        """Note what one chunk says; `text=False` when its text is tallied already or, for
+        a whole body with usage, never needed."""
         if not isinstance(obj, dict):
             return
         if isinstance(obj.get("error"), dict):
@@ -204,15 +211,24 @@ class _ChunkReader:
             queries = sub(candidate, "groundingMetadata").get("webSearchQueries")
             if isinstance(queries, list):  # repeated per chunk, never to be added up
                 self._queries = max(self._queries, len(queries))
-            if text:
-                for piece in candidate_texts(candidate):
-                    self._tally.add(piece)
+        if text:
+            self.read_text(obj)
         if sub(obj, "promptFeedback").get("blockReason"):
             self.finished = True  # a refused prompt: this chunk is the whole answer
         meta = obj.get("usageMetadata")
         if isinstance(meta, dict):
             self.last = meta
             self.settle(meta)
+
+    def read_text(self, obj: Any) -> None:
+        """Tally one chunk's output text (none for an error chunk, as `read` reads it)."""
+        if not isinstance(obj, dict) or isinstance(obj.get("error"), dict):
+            return
+        candidates = obj.get("candidates")
+        for candidate in candidates if isinstance(candidates, list) else ():
+            if isinstance(candidate, dict):
+                for piece in candidate_texts(candidate):
+                    self._tally.add(piece)
 
     def chunk_text(self, data: bytes) -> list[str]:
         """The text of a deferred chunk (TextTally's reader)."""
@@ -227,13 +243,15 @@ class _ChunkReader:
 
     def settle(self, meta: dict[str, Any]) -> None:
         """Running totals: input counts for now, the whole usage once the answer is done."""
-        model = self._model or self.metered.response_model or ""
-        searches = self._queries if _PER_QUERY.search(model) else min(self._queries, 1)
-        self.metered.prompt_usage = usage(meta, output=False)
-        self.metered.prompt_usage.web_search_requests = searches
+        searches = self._queries
+        if searches > 1 and not _PER_QUERY.search(self._model or self.metered.response_model
+                                                  or ""):
+            searches = 1  # before Gemini 3, one per grounded request however many ran
+        inputs = _input_side(meta)  # read once for both
+        self.metered.prompt_usage = Usage(**inputs, web_search_requests=searches)
         if self.finished:
-            self.metered.usage = usage(meta)
-            self.metered.usage.web_search_requests = searches
+            self.metered.usage = Usage(**inputs, web_search_requests=searches)
+            _add_output(self.metered.usage, meta)
 
 
 class _StreamMeter:
@@ -255,21 +273,26 @@ class _StreamMeter:
         self._held: bytes | None = None  # the latest chunk with usage, not yet parsed
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._split is None and self._array is None:
+        split = self._split
+        if split is None:
+            if self._array is not None:
+                for element in self._array.feed(chunk):
+                    self._take(element)
+                return chunk
             head = chunk.lstrip()
             if not head:
                 return chunk
             if head[:1] == b"[":
                 self._array = ArraySplitter()
-            else:
-                self._split = SSESplitter()
-        if self._array is not None:
-            for element in self._array.feed(chunk):
-                self._take(element)
-        else:
-            assert self._split is not None
-            for raw in self._split.feed(chunk):
-                self._read_event(raw)
+                return self.feed(chunk)
+            split = self._split = SSESplitter()
+        if not split.pending and chunk[:6] == b"data: ":
+            events = _data_events(chunk)
+            if events is not None:  # the common read: no splitting, no parse_event
+                self._take_events(chunk, events)
+                return chunk
+        for raw in split.feed(chunk):
+            self._read_event(raw)
         return chunk
 
     def finish(self) -> tuple[bytes, Metered]:
@@ -291,13 +314,36 @@ class _StreamMeter:
             return
         self._take(data)
 
+    def _take_events(self, read: bytes, events: list[bytes]) -> None:
+        """_take the data of each event of a read `_data_events` cut, in order.
+
+        The read is scanned once for the keys that say more: the events before the first
+        such key that carry running totals with their own model and id (nearly all) are
+        what _take would defer and hold one after another, so they are deferred at once
+        and the last one held. The rest go through _take.
+        """
+        says_more = _SAYS_MORE.search(read)
+        # Each event ends with two LFs and holds no other: those before the key count them.
+        clean = len(events) if says_more is None else read.count(b"\n", 0, says_more.start()) // 2
+        run = 0
+        for event in events[:clean]:
+            if b'"usageMetadata"' not in event or event[-1:] != b"}" \
+                    or b'"modelVersion"' not in event or b'"responseId"' not in event:
+                break
+            run += 1
+        if run:
+            held = [event[6:] for event in events[:run]]
+            self._reader.metered.text.defer_all(held)
+            self._held = held[-1]
+        for event in events[run:]:
+            data = event[6:]
+            if data:  # an empty data line is no chunk (as in _read_event)
+                self._take(data)
+
     def _take(self, data: bytes) -> None:
         # Each check is a quoted key, which JSON string escaping keeps model output from
         # forging; a chunk with a function call is parsed whole (its arguments are JSON).
-        if b'"usageMetadata"' in data and data.endswith(b"}") \
-                and b'"finishReason"' not in data and b'"groundingMetadata"' not in data \
-                and b'"promptFeedback"' not in data and b'"error"' not in data \
-                and b'"functionCall"' not in data:
+        if b'"usageMetadata"' in data and data[-1:] == b"}" and _SAYS_MORE.search(data) is None:
             # Text and running totals only: the text waits in the tally, the totals until
             # a later chunk brings newer ones (one without a model or id of its own could
             # leave the held chunk's as the last seen: that one is read first).
@@ -312,13 +358,15 @@ class _StreamMeter:
             self._release()
             self._reader.metered.error = "malformed event in the stream"
             return
-        if isinstance(obj, dict) and isinstance(obj.get("usageMetadata"), dict) \
-                and _str(obj.get("modelVersion")) and _str(obj.get("responseId")) \
-                and not isinstance(obj.get("error"), dict):
+        chunk = isinstance(obj, dict) and not isinstance(obj.get("error"), dict)
+        if chunk and isinstance(obj.get("usageMetadata"), dict) \
+                and _str(obj.get("modelVersion")) and _str(obj.get("responseId")):
             self._held = None  # everything the held chunk says, this one says anew
         else:
             self._release()
-        self._reader.read(obj)
+        if chunk:  # its text too waits in the tally (chunk_text finds what read would)
+            self._reader.metered.text.defer(data)
+        self._reader.read(obj, text=False)
 
     def _release(self) -> None:
         """Read the held chunk (its text is in the tally already)."""
@@ -330,6 +378,24 @@ class _StreamMeter:
                 self._reader.metered.error = "malformed event in the stream"
                 return
             self._reader.read(obj, text=False)
+
+
+def _data_events(chunk: bytes) -> list[bytes] | None:
+    """The events of a read that is whole events of one `data: ` line each, all ended as
+    the API ends them (CR LF CR LF) or all by LF LF, without their ends; else None.
+
+    No other CR or LF is in such a read, so each event is what SSESplitter would cut and
+    its data, after `data: `, what parse_event would read: the caller skips both.
+    """
+    end = b"\r\n\r\n" if chunk[-4:] == b"\r\n\r\n" else b"\n\n" if chunk[-2:] == b"\n\n" else b""
+    if not end or chunk[:6] != b"data: ":
+        return None
+    events = chunk[:-len(end)].split(end)
+    n = len(events)
+    if chunk.count(b"\n") != 2 * n or chunk.count(b"\r") != (2 * n if len(end) == 4 else 0) \
+            or chunk.count(end + b"data: ") != n - 1:
+        return None
+    return events
 
 
 class ArraySplitter:
@@ -398,30 +464,40 @@ def usage(meta: dict[str, Any], output: bool = True) -> Usage:
     less `cacheTokensDetails` (the cached part), and `candidatesTokensDetails`. With
     `output=False` only the input side is read (a stream that has not finished).
     """
+    result = Usage(**_input_side(meta))
+    if output:
+        _add_output(result, meta)
+    return result
+
+
+def _input_side(meta: dict[str, Any]) -> dict[str, int]:
+    """usage()'s input counts, as Usage's keyword arguments."""
     prompt = count(meta.get("promptTokenCount"))
     cached = min(count(meta.get("cachedContentTokenCount")), prompt)
     uncached = prompt - cached + count(meta.get("toolUsePromptTokenCount"))
-    prompt_parts, cache_parts = meta.get("promptTokensDetails"), meta.get("cacheTokensDetails")
+    whole = _modalities(meta.get("promptTokensDetails"))
+    cache = _modalities(meta.get("cacheTokensDetails"))
+    counts = {"input_tokens": uncached, "cached_input_tokens": cached}
+    for column, modality in _INPUT_PARTS:  # one not named is 0, Usage's default
+        if modality in whole:
+            counts[column] = min(max(whole[modality] - cache.get(modality, 0), 0), uncached)
+    if "AUDIO" in cache:
+        counts["cached_audio_input_tokens"] = min(cache["AUDIO"], cached)
+    return counts
 
-    def uncached_part(modality: str) -> int:
-        return min(max(_modality(prompt_parts, modality) - _modality(cache_parts, modality),
-                       0), uncached)
 
-    result = Usage(
-        input_tokens=uncached,
-        audio_input_tokens=uncached_part("AUDIO"),
-        image_input_tokens=uncached_part("IMAGE"),
-        video_input_tokens=uncached_part("VIDEO"),
-        cached_input_tokens=cached,
-        cached_audio_input_tokens=min(_modality(cache_parts, "AUDIO"), cached),
-    )
-    if output:
-        thoughts = count(meta.get("thoughtsTokenCount"))
-        result.output_tokens = count(meta.get("candidatesTokenCount")) + thoughts
-        result.reasoning_tokens = thoughts
-        result.audio_output_tokens = _modality(meta.get("candidatesTokensDetails"), "AUDIO")
-        result.image_output_tokens = _modality(meta.get("candidatesTokensDetails"), "IMAGE")
-    return result
+def _add_output(result: Usage, meta: dict[str, Any]) -> None:
+    """usage()'s output counts, set on `result`."""
+    thoughts = count(meta.get("thoughtsTokenCount"))
+    result.output_tokens = count(meta.get("candidatesTokenCount")) + thoughts
+    result.reasoning_tokens = thoughts
+    parts = _modalities(meta.get("candidatesTokensDetails"))
+    result.audio_output_tokens = parts.get("AUDIO", 0)
+    result.image_output_tokens = parts.get("IMAGE", 0)
+
+
+_INPUT_PARTS = (("audio_input_tokens", "AUDIO"), ("image_input_tokens", "IMAGE"),
+                ("video_input_tokens", "VIDEO"))
 
 
 def candidate_texts(candidate: dict[str, Any]) -> list[str]:
@@ -437,12 +513,14 @@ def candidate_texts(candidate: dict[str, Any]) -> list[str]:
     return texts
 
 
-def _modality(details: Any, modality: str) -> int:
-    """The tokens of one modality in a list of {modality, tokenCount}."""
-    if not isinstance(details, list):
-        return 0
-    return sum(count(d.get("tokenCount")) for d in details
-               if isinstance(d, dict) and d.get("modality") == modality)
+def _modalities(details: Any) -> dict[str, int]:
+    """The tokens of each modality in a list of {modality, tokenCount}, in one pass."""
+    found: dict[str, int] = {}
+    if isinstance(details, list):
+        for d in details:
+            if isinstance(d, dict) and isinstance(modality := d.get("modality"), str):
+                found[modality] = found.get(modality, 0) + count(d.get("tokenCount"))
+    return found
 
 
 def _collect_parts(content: Any, into: list[str]) -> None:
