@@ -59,6 +59,14 @@ _DELTA_EVENTS = (b'event: content_block_delta\ndata: {"type":"content_block_delt
                  b'data: {"type":"content_block_delta",')
 _BETWEEN_DELTAS = tuple(b"\n\n" + prefix for prefix in _DELTA_EVENTS)
 _DELTA_AFTER = _BETWEEN_DELTAS[0]  # a content delta after another event, as the API writes it
+# Whole events that say nothing to meter, exactly as the API writes them (the data's type
+# is the event's name; a text block starts empty): _read would parse them to do nothing.
+# Any other spelling, or any other content, is read.
+_INERT = re.compile(rb'event: (?:ping\ndata: \{"type":"ping"\}'
+                    rb'|content_block_stop\ndata: \{"type":"content_block_stop","index":\d+\}'
+                    rb'|message_stop\ndata: \{"type":"message_stop"\}'
+                    rb'|content_block_start\ndata: \{"type":"content_block_start","index":\d+,'
+                    rb'"content_block":\{"type":"text","text":""\}\})\n\n')
 
 
 def _only_deltas(blob: bytes) -> bool:
@@ -194,16 +202,25 @@ class _StreamMeter:
             # first content delta to the last is one blob if nothing else is in it; the
             # events around it (message_start, message_delta, ...) are read as ever.
             first = chunk.find(_DELTA_AFTER)
-            if first < 0:  # one event, most often a content delta
-                if _only_deltas(chunk):
-                    self._tally.defer(chunk)
+            if first < 0:
+                if chunk.count(b"\n\n") == 1:  # one whole event: what the splitter would cut
+                    if chunk.startswith(_DELTA_EVENTS):  # most often a content delta
+                        self._tally.defer(chunk)
+                    elif _INERT.fullmatch(chunk) is None:
+                        self._read(chunk)
                     return chunk
                 return self._feed_events(chunk)
+            # Whole LF-only events: events_of cuts them as the splitter would, which is
+            # left with nothing pending.
             last = chunk.find(b"\n\n", chunk.rfind(_DELTA_AFTER) + 2) + 2
-            self._feed_events(chunk[:first + 2])
-            self._feed_events(chunk[first + 2:last])
+            self._take_events(events_of(chunk[:first + 2]))
+            run = chunk[first + 2:last]
+            if _only_deltas(run):
+                self._tally.defer(run)
+            else:
+                self._take_events(events_of(run))
             if last < len(chunk):
-                self._feed_events(chunk[last:])
+                self._take_events(events_of(chunk[last:]))
             return chunk
         return self._feed_events(chunk)
 
@@ -212,15 +229,19 @@ class _StreamMeter:
         if isinstance(events, bytes):  # nothing but content deltas: kept raw, as one blob
             if events:
                 self._tally.defer(events)
-            return chunk
+        else:
+            self._take_events(events)
+        return chunk
+
+    def _take_events(self, events: list[bytes]) -> None:
+        """Defer the content deltas among whole raw events, skip the inert, read the rest."""
         for raw in events:
             if raw.startswith(_DELTA_EVENTS) and raw.endswith(b"}\n\n"):
                 # Carries no usage: read only if its text is ever needed. One that does not
                 # end as JSON does (cut short) is parsed now, so the row notes it.
                 self._tally.defer(raw)
-            else:
+            elif _INERT.fullmatch(raw) is None:
                 self._read(raw)
-        return chunk
 
     def finish(self) -> tuple[bytes, Metered]:
         tail = self._split.tail()
@@ -298,8 +319,10 @@ def usage(u: dict[str, Any], output: bool = True) -> Usage:
     another model's, kept in `nested` to be priced at that model's rate. With
     `output=False` only the input side is read (a stream that has not ended).
     """
-    steps = [i for i in u.get("iterations") or () if isinstance(i, dict)] if output else []
-    own = [i for i in steps if not (i.get("type") == "advisor_message" and i.get("model"))]
+    iterations = u.get("iterations") if output else None
+    steps = [i for i in iterations if isinstance(i, dict)] if iterations else []
+    own = [i for i in steps if not (i.get("type") == "advisor_message" and i.get("model"))] \
+        if steps else []
     result = _counts(own[0], output) if own else _counts(u, output)
     for step in own[1:]:
         for column, n in _counts(step, output).counts().items():
@@ -313,7 +336,7 @@ def usage(u: dict[str, Any], output: bool = True) -> Usage:
         result.reasoning_tokens = min(result.reasoning_tokens, result.output_tokens)
         result.web_search_requests = count(sub(u, "server_tool_use").get("web_search_requests"))
         result.nested = [(step["model"], _counts(step, output)) for step in steps
-                         if step not in own]
+                         if step not in own] if steps else []
     return result
 
 
