@@ -13,12 +13,17 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import orjson
+import pytest
+from google import genai
+from google.genai import types
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -355,3 +360,191 @@ def test_nothing_tokenizes_on_the_event_loop(tmp_path: Path, monkeypatch) -> Non
     callers = {caller for caller, _ in seen}
     assert {"proxy.budgets", "proxy.dialects.base"} <= callers, seen
     assert all(name.startswith("tokens-") for _, name in seen), seen
+
+
+# Through the real proxy: the reads the relay hands the meters are what the fast paths
+# take. Events written one at a time with a pause arrive one per read; a body written at
+# once arrives as one read (or a few): both must meter exactly what the events say.
+GEMINI_STREAM_PATH = "/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+ONE_PER_READ, ALL_AT_ONCE = "one event per read", "all at once"
+
+
+def crlf(event: bytes) -> bytes:
+    """An LF LF event ended as the Gemini API ends it, CR LF CR LF."""
+    assert event.endswith(b"\n\n") and event.count(b"\n") == 2
+    return event[:-2] + b"\r\n\r\n"
+
+
+def wire(events: list[bytes], reads: str) -> Scenario:
+    if reads == ONE_PER_READ:
+        return Scenario(raw_events=events, chunk_delay_s=0.01)
+    return Scenario(raw_stream=b"".join(events))
+
+
+def gemini_raw(stack: Stack, events: list[bytes], reads: str) -> tuple[bytes, dict[str, Any]]:
+    """POST a stream call whose upstream sends `events`: the bytes the client got, the row."""
+    before = len(stack.rows())
+    stack.sim.then(wire(events, reads))
+    body = {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]}
+    reply = http("POST", f"{stack.url}{GEMINI_STREAM_PATH}", orjson.dumps(body),
+                 {"Content-Type": "application/json", "x-goog-api-key": VIRTUAL_KEY})
+    assert reply.status_code == 200
+    return reply.content, stack.rows(before + 1)[-1]
+
+
+def row_usage(row: dict[str, Any]) -> Usage:
+    return Usage(**{column: row[column] for column in Usage().counts()})
+
+
+@pytest.mark.parametrize("reads", [ONE_PER_READ, ALL_AT_ONCE])
+@pytest.mark.parametrize("ending", ["crlf", "lf"])
+def test_gemini_sdk_stream_through_the_proxy_is_metered_exactly(stack: Stack, reads: str,
+                                                                ending: str) -> None:
+    """google-genai streams GEMINI_CHUNKS through the proxy, CR LF CR LF as the API writes
+    them or LF LF, a read per event or all at once: the SDK gets every chunk and the row
+    has the finishing chunk's usage, not the forged or function-call numbers."""
+    events = [sse(None, chunk) for chunk in GEMINI_CHUNKS]
+    if ending == "crlf":
+        events = [crlf(event) for event in events]
+    client = genai.Client(api_key=VIRTUAL_KEY, http_options=types.HttpOptions(
+        base_url=f"{stack.url}/gemini", api_version="v1beta"))
+    before = len(stack.rows())
+    stack.sim.then(wire(events, reads))
+    chunks = list(client.models.generate_content_stream(model="gemini-2.5-flash",
+                                                        contents="Hi"))
+    assert len(chunks) == len(GEMINI_CHUNKS)
+    assert chunks[-1].usage_metadata.candidates_token_count == 47
+    row = stack.rows(before + 1)[-1]
+    assert row_usage(row) == GEMINI_USAGE
+    assert (row["usage_source"], row["outcome"], row["error"], row["response_model"]) == (
+        "provider", "ok", None, "gemini-2.5-flash")
+
+
+@pytest.mark.parametrize("reads", [ONE_PER_READ, ALL_AT_ONCE])
+def test_gemini_crlf_bytes_pass_unchanged_and_usage_is_exact(stack: Stack, reads: str) -> None:
+    events = [crlf(sse(None, chunk)) for chunk in GEMINI_CHUNKS]
+    out, row = gemini_raw(stack, events, reads)
+    assert out == b"".join(events)
+    assert row_usage(row) == GEMINI_USAGE and row["error"] is None
+
+
+@pytest.mark.parametrize("reads", [ONE_PER_READ, ALL_AT_ONCE])
+def test_gemini_finish_read_before_later_totals(stack: Stack, reads: str) -> None:
+    """The finishing chunk is parsed as it passes, not held: the totals-only chunk after it
+    replaces it, and its finishReason is what makes those totals final."""
+    chunks = [gemini_chunk("Hi", 10, 1), gemini_chunk(" there", 10, 2, finish=True),
+              {"candidates": [], "usageMetadata": {"promptTokenCount": 10,
+                                                   "candidatesTokenCount": 3},
+               "modelVersion": "gemini-2.5-flash", "responseId": "resp-fast"}]
+    events = [crlf(sse(None, chunk)) for chunk in chunks]
+    out, row = gemini_raw(stack, events, reads)
+    assert out == b"".join(events)
+    assert row_usage(row) == Usage(input_tokens=10, output_tokens=3)
+    assert row["usage_source"] == "provider"
+
+
+@pytest.mark.parametrize("reads", [ONE_PER_READ, ALL_AT_ONCE])
+def test_gemini_crlf_stream_without_usage_is_estimated(stack: Stack, reads: str) -> None:
+    """No usageMetadata anywhere: the row's output is the streamed text as o200k_base
+    counts it, every chunk's text included (held raw by the fast path, read at the end)."""
+    texts = ["Bonjour", " à", " tous", ", encore"]
+    events = [crlf(sse(None, gemini_chunk(t, 0, 0, meta=False))) for t in texts]
+    out, row = gemini_raw(stack, events, reads)
+    assert out == b"".join(events)
+    assert (row["usage_source"], row["outcome"]) == ("estimated", "ok")
+    assert row["output_tokens"] == tokens.count_text("".join(texts), "gemini-2.5-flash") > 0
+
+
+@pytest.mark.parametrize("reads", [ONE_PER_READ, ALL_AT_ONCE])
+@pytest.mark.parametrize("ending", ["crlf", "lf"])
+def test_gemini_cut_event_is_noted_and_usage_still_exact(stack: Stack, reads: str,
+                                                         ending: str) -> None:
+    """A chunk cut short mid-stream (it names usageMetadata but does not end as JSON
+    does) is no chunk to hold: the row notes it, and the final usage is still exact."""
+    events = [sse(None, chunk) for chunk in GEMINI_CHUNKS]
+    events.insert(2, events[1][:-12] + b"\n\n")
+    if ending == "crlf":
+        events = [crlf(event) for event in events]
+    out, row = gemini_raw(stack, events, reads)
+    assert out == b"".join(events)
+    assert row_usage(row) == GEMINI_USAGE
+    assert (row["error"], row["usage_source"]) == ("malformed event in the stream", "provider")
+
+
+ANTHROPIC_PATH = "/anthropic/v1/messages"
+# ANTHROPIC_EVENTS with an empty text block started before the last delta: every inert
+# event the fast path skips (ping, block stop, message stop, an empty text block start).
+ANTHROPIC_SKIPPABLE = [*ANTHROPIC_EVENTS[:12], ("content_block_start", {
+    "type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}}),
+    *ANTHROPIC_EVENTS[12:]]
+
+
+def anthropic_raw(stack: Stack, events: list[bytes], reads: str) -> tuple[bytes, dict[str, Any]]:
+    before = len(stack.rows())
+    stack.sim.then(wire(events, reads))
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 200, "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    reply = http("POST", f"{stack.url}{ANTHROPIC_PATH}", orjson.dumps(body),
+                 {"Content-Type": "application/json", "x-api-key": VIRTUAL_KEY,
+                  "anthropic-version": "2023-06-01"})
+    assert reply.status_code == 200
+    return reply.content, stack.rows(before + 1)[-1]
+
+
+@pytest.mark.parametrize("reads", [ONE_PER_READ, ALL_AT_ONCE])
+def test_anthropic_sdk_stream_through_the_proxy_is_metered_exactly(stack: Stack,
+                                                                   reads: str) -> None:
+    """The anthropic SDK streams the events through the proxy, a read per event or all at
+    once: its final message and the row carry message_delta's totals and the input and
+    cache counts of message_start, and the web search begun in the stream."""
+    client = anthropic.Anthropic(base_url=stack.base("anthropic", ""), api_key=VIRTUAL_KEY,
+                                 max_retries=0)
+    events = [sse(name, obj) for name, obj in ANTHROPIC_SKIPPABLE]
+    before = len(stack.rows())
+    stack.sim.then(wire(events, reads))
+    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=200,
+                                messages=[{"role": "user", "content": "Hi"}]) as stream:
+        message = stream.get_final_message()
+    assert message.usage.output_tokens == 87
+    row = stack.rows(before + 1)[-1]
+    assert row_usage(row) == ANTHROPIC_USAGE
+    assert (row["usage_source"], row["outcome"], row["error"], row["response_model"]) == (
+        "provider", "ok", None, "claude-sonnet-4-5-20250929")
+
+
+@pytest.mark.parametrize("reads", [ONE_PER_READ, ALL_AT_ONCE])
+def test_anthropic_stream_without_usage_is_estimated(stack: Stack, reads: str) -> None:
+    """No message_delta: input and cache counts from message_start, the output estimated
+    from every delta's text (deferred raw, read at the end), the inert events skipped."""
+    cut_at = next(i for i, (name, _) in enumerate(ANTHROPIC_SKIPPABLE)
+                  if name == "message_delta")
+    events = [sse(name, obj) for name, obj in ANTHROPIC_SKIPPABLE[:cut_at]]
+    events.append(sse("message_stop", {"type": "message_stop"}))
+    out, row = anthropic_raw(stack, events, reads)
+    assert out == b"".join(events)
+    assert row["usage_source"] == "estimated"
+    assert row_usage(row) == replace(ANTHROPIC_PROMPT, output_tokens=tokens.count_text(
+        "".join(ANTHROPIC_TEXT)))
+
+
+# Events a byte-exact skip must not swallow: each keeps today's path and is noted.
+NOT_INERT = {
+    "cut ping": b'event: ping\ndata: {"type":"ping"\n\n',
+    "error": b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+             b'"message":"Overloaded"}}\n\n',
+    "stop named as an error": b'event: message_stop\ndata: {"type":"error","error":'
+                              b'{"type":"api_error","message":"Overloaded"}}\n\n',
+}
+
+
+@pytest.mark.parametrize("reads", [ONE_PER_READ, ALL_AT_ONCE])
+@pytest.mark.parametrize("kind", sorted(NOT_INERT))
+def test_anthropic_malformed_or_error_event_is_still_noted(stack: Stack, reads: str,
+                                                           kind: str) -> None:
+    events = [sse(name, obj) for name, obj in ANTHROPIC_SKIPPABLE]
+    events.insert(3, NOT_INERT[kind])
+    out, row = anthropic_raw(stack, events, reads)
+    assert out == b"".join(events)
+    assert row_usage(row) == ANTHROPIC_USAGE
+    noted = "malformed event in the stream" if kind == "cut ping" else "Overloaded"
+    assert row["error"] == noted
