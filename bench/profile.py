@@ -59,7 +59,7 @@ STEPS = [
     ("inspect (dialect describe)", "stages/route.py", "inspect"),
     ("reserve (budgets, estimate)", "stages/reserve.py", "reserve"),
     ("journal began", "stages/record.py", "began"),
-    ("forward (build + send upstream)", "stages/forward.py", "forward"),
+    ("forward (aiohttp client; the pass-through pays it too)", "stages/forward.py", "forward"),
     ("stream meter feed", "dialects/{dialect}.py", "feed"),
     ("stream meter finish", "dialects/{dialect}.py", "finish"),
     ("read_usage (JSON body)", "dialects/{dialect}.py", "read_usage"),
@@ -71,6 +71,9 @@ STEPS = [
     ("log line (structlog + write)", "structlog/_native.py", "meth"),
 ]
 WHOLE = ("stages/record.py", "_write")  # record's part, for the record total
+# Subtotals, not steps: the record stage is the row, metrics, settle and log-line steps.
+RECORD = "subtotal: record (row, submit, metrics, settle, log line)"
+HANDLE = "total: pipeline.handle (all stages)"
 
 
 # --- the canned upstream --------------------------------------------------------------------
@@ -426,12 +429,12 @@ def shares(stats: pstats.Stats, dialect: str) -> list[tuple[str, float]]:
             if func == name and path.endswith(suffix.format(dialect=dialect)):
                 found[label] = found.get(label, 0.0) + ct
         if func == WHOLE[1] and path.endswith(WHOLE[0]):
-            found["record (all of it)"] = found.get("record (all of it)", 0.0) + ct
+            found[RECORD] = found.get(RECORD, 0.0) + ct
         if func == "handle" and path.endswith("proxy/pipeline.py"):
-            found["pipeline.handle (all stages)"] = ct
+            found[HANDLE] = ct
     return [(label, found[label] / total) for label, _, _ in STEPS if label in found] + [
-        (label, found[label] / total) for label in ("record (all of it)",
-                                                    "pipeline.handle (all stages)")
+        (label, found[label] / total) for label in (RECORD,
+                                                    HANDLE)
         if label in found]
 
 
