@@ -9,8 +9,9 @@ the next one to start reads it and queues, for every id never committed, its rea
 it had one, else the stand-in marked `proxy_error` (a stream cut off by the kill). The log
 ignores ids it already holds, so a replay can never double a row.
 
-Files roll over at SEGMENT_BYTES; an old one is deleted once each of its calls is
-committed. The cost on the request path is two small appends to the page cache per call.
+Files roll over at SEGMENT_BYTES; an old one is deleted once every call with a line in
+it is committed (a call can begin in one and finish in the next). The cost on the request
+path is two small appends to the page cache per call.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class Journal:
         self._name = uuid.uuid4().hex[:12]
         self._n = 0
         self._lock = threading.Lock()
-        self._of: dict[str, _Segment] = {}  # uncommitted id -> the segment that opened it
+        # Each uncommitted id -> the segments holding its lines (which stay until it is).
+        self._of: dict[str, list[_Segment]] = {}
         self._segments: list[_Segment] = []
         self.failures = 0
         self._current = self._roll()
@@ -62,8 +64,9 @@ class Journal:
         self._segments.append(segment)
         return segment
 
-    def _append(self, line: bytes) -> None:
-        """Append one line; a full or failing disk costs durability, never the call."""
+    def _append(self, line: bytes, call_id: str | None = None) -> None:
+        """Append one line (a call's, if `call_id`: the segment that holds it stays until
+        the call is committed); a full or failing disk costs durability, never the call."""
         with self._lock:
             segment = self._current
             try:
@@ -73,6 +76,11 @@ class Journal:
                 if self.failures == 1 or self.failures % 1000 == 0:
                     log.error("journal_write_failed", error=str(exc), failures=self.failures)
                 return
+            if call_id is not None:
+                held = self._of.setdefault(call_id, [])
+                if not held or held[-1] is not segment:
+                    held.append(segment)
+                    segment.open_ids += 1
             segment.size += len(line)
             if segment.size > SEGMENT_BYTES:
                 with contextlib.suppress(OSError):
@@ -81,31 +89,22 @@ class Journal:
 
     def began(self, row: UsageRow) -> None:
         """A call went upstream: its stand-in row, should the process die mid-call."""
-        with self._lock:
-            if row.id not in self._of:
-                self._of[row.id] = self._current
-                self._current.open_ids += 1
-        self._append(b"+" + orjson.dumps(row.values()) + b"\n")
+        self._append(b"+" + orjson.dumps(row.values()) + b"\n", row.id)
 
     def finished(self, row: UsageRow) -> None:
         """The call's real row is queued for the writer."""
-        with self._lock:
-            if row.id not in self._of:
-                self._of[row.id] = self._current
-                self._current.open_ids += 1
-        self._append(b"=" + orjson.dumps(row.values()) + b"\n")
+        self._append(b"=" + orjson.dumps(row.values()) + b"\n", row.id)
 
     def folded(self, row: UsageRow, absorbed: list[str]) -> None:
         """`row` (its repeat_count now counting them) stands for the `absorbed` rows too."""
-        self._append(b"~" + orjson.dumps([row.values(), absorbed]) + b"\n")
+        self._append(b"~" + orjson.dumps([row.values(), absorbed]) + b"\n", row.id)
 
     def committed(self, ids: list[str]) -> None:
         """These rows are in the usage log (called by the writer thread)."""
         self._append(b"-" + orjson.dumps(ids) + b"\n")
         with self._lock:
             for call_id in ids:
-                segment = self._of.pop(call_id, None)
-                if segment is not None:
+                for segment in self._of.pop(call_id, ()):
                     segment.open_ids -= 1
             self._retire()
 
