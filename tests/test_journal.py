@@ -21,8 +21,9 @@ def _row(call_id: str, outcome: str = "ok") -> UsageRow:
                     outcome=outcome, status=200, error=PAD)
 
 
-def _die(j: Journal) -> None:
-    """A kill -9: the files and what was written into them stay, the locks go."""
+def die(j: Journal) -> None:
+    """What a kill -9 does to the journal: its files and what was written into them stay,
+    their locks go (test_refusal_folding.py uses it too)."""
     for segment in j._segments:
         os.close(segment.fd)
     j._segments = []
@@ -49,7 +50,7 @@ def test_a_call_whose_lines_straddle_a_roll_is_replayed_whole(
         j.began(_row(f"b{n}"))
         j.committed([f"b{n}"])
     assert second in j._segments  # kept for `long` alone
-    _die(j)
+    die(j)
     rows = journal_mod.recover(tmp_path)
     assert [(r.id, r.outcome) for r in rows] == [("long", "cut_by_client")]
     assert not list(tmp_path.glob("journal-*"))  # replayed, gone

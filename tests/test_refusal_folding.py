@@ -29,6 +29,7 @@ from proxy.storage.journal import Journal
 from proxy.storage.row import UsageRow
 from tests.client_matrix import MATRIX, ClientFailed, Request
 from tests.conftest import OTHER_KEY, PROVIDER_KEY, VIRTUAL_KEY, Served, Stack, http, sha
+from tests.test_journal import die as _die
 
 BROKE, BROKE_TOO = "mp-test-fold-broke", "mp-test-fold-broke-too"
 ADMIN = "fold-admin-key"
@@ -151,13 +152,6 @@ def test_vercel_ai_sdk_retries_are_one_row(stack: Stack) -> None:
 def _row(call_id: str, repeat: int = 1) -> UsageRow:
     return UsageRow(id=call_id, ts="2026-12-04T00:00:00.000000Z", key_name="broke",
                     outcome="budget_exceeded", status=429, repeat_count=repeat)
-
-
-def _die(j: Journal) -> None:
-    """What a kill -9 does to the journal: its files stay, their locks go."""
-    for segment in j._segments:
-        os.close(segment.fd)
-    j._segments = []
 
 
 @pytest.mark.parametrize(("folded", "committed", "expected"), [
